@@ -1,0 +1,1 @@
+"""HTTP layer: routes translate between JSON and the scoring/baseline layers."""

@@ -1,0 +1,119 @@
+"""What routes depend on: the app's services, auth, readiness and bounded JSON bodies."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, Request
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from service.api.errors import ServiceError, from_validation_error
+from service.metrics import Metrics
+from service.scoring.engine import RewardEngine
+from service.settings import Settings
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
+
+@dataclass(kw_only=True)
+class Services:
+    """Everything one app instance owns, created in ``create_app`` and kept on ``app.state``."""
+
+    settings: Settings
+    engine: RewardEngine
+    metrics: Metrics
+    draining: bool = False
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def token_matches(presented: str, accepted: list[SecretStr]) -> bool:
+    """Constant-time comparison against every accepted token (no early exit on a match)."""
+    matched = False
+    for token in accepted:
+        matched |= hmac.compare_digest(presented.encode(), token.get_secret_value().encode())
+    return matched
+
+
+def bearer_token(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def require_api_token(request: Request, services: ServicesDep) -> None:
+    """Guards the scoring API when ``CRS_API_TOKENS`` is set."""
+    accepted = services.settings.api_tokens
+    if not accepted:
+        return
+    presented = bearer_token(request)
+    if presented is None or not token_matches(presented, accepted):
+        reason = "missing bearer token" if presented is None else "invalid bearer token"
+        raise ServiceError(401, reason, headers={"WWW-Authenticate": "Bearer"})
+
+
+def ready_engine(services: ServicesDep) -> RewardEngine:
+    """The engine, or 503 while the model loads or the service drains."""
+    engine = services.engine
+    if services.draining:
+        raise ServiceError(503, "service is shutting down", headers={"Retry-After": "1"})
+    if engine.state != "ready":
+        message = f"model is {engine.state}"
+        if engine.load_error:
+            message += f": {engine.load_error}"
+        raise ServiceError(503, message, headers={"Retry-After": "5"})
+    return engine
+
+
+EngineDep = Annotated[RewardEngine, Depends(ready_engine)]
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The parsed JSON body; 413 as soon as it is known to exceed ``max_bytes``."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large(f"body of {declared} bytes exceeds the limit of {max_bytes}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large(f"body exceeds the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ServiceError(422, f"body is not valid JSON: {exc}") from exc
+
+
+def too_large(message: str) -> ServiceError:
+    return ServiceError(413, message)
+
+
+def check_item_count(payload: Any, field: str, limit: int) -> None:
+    """413 on too many items, before validating any of them."""
+    items = payload.get(field) if isinstance(payload, dict) else None
+    if isinstance(items, list) and len(items) > limit:
+        raise ServiceError(
+            413,
+            f"{len(items)} items exceed the limit of {limit} per request; split the request",
+            details={"items": len(items), "max_items_per_request": limit},
+        )
+
+
+async def parse_body(request: Request, model: type[BodyT], settings: Settings) -> BodyT:
+    """Read, bound and validate a JSON body with the envelope on every failure."""
+    payload = await read_json(request, settings.max_body_bytes)
+    check_item_count(payload, "items", settings.max_items_per_request)
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc

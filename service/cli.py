@@ -1,0 +1,111 @@
+"""`crs-service`: run the reward service and build tiny models for tests and demos."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+log = logging.getLogger("crs.cli")
+
+# Command-line flags of `serve` and the settings field each one sets.
+SERVE_FLAGS: dict[str, str] = {
+    "model": "model_path",
+    "name": "model_name",
+    "host": "host",
+    "port": "port",
+    "device": "device",
+    "dtype": "dtype",
+    "input_format": "input_format",
+    "label_index": "label_index",
+    "max_input_tokens": "max_input_tokens",
+    "max_batch_tokens": "max_batch_tokens",
+    "truncation": "truncation",
+    "trust_remote_code": "trust_remote_code",
+    "allow_pickle_weights": "allow_pickle_weights",
+    "log_level": "log_level",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crs-service", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve(commands.add_parser("serve", help="serve a reward model over HTTP"))
+    tiny = commands.add_parser("tiny-model", help="build a small random reward model")
+    tiny.add_argument("dir", type=Path, help="output directory (must be empty or absent)")
+    tiny.add_argument("--arch", choices=["llama", "bert"], default="llama")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def add_serve(serve: argparse.ArgumentParser) -> None:
+    """Flags default to None so that CRS_* environment settings apply unless a flag is given."""
+    serve.add_argument("--model", type=Path, help="reward model directory (CRS_MODEL_PATH)")
+    serve.add_argument("--name", help="model name in its version (default: directory name)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--input-format", choices=["auto", "chat", "pair"])
+    serve.add_argument("--label-index", type=int, help="reward logit when num_labels > 1")
+    serve.add_argument("--max-input-tokens", type=int)
+    serve.add_argument("--max-batch-tokens", type=int)
+    serve.add_argument("--truncation", choices=["none", "left"])
+    serve.add_argument("--trust-remote-code", action="store_true", default=None)
+    serve.add_argument("--allow-pickle-weights", action="store_true", default=None)
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `crs-service`."""
+    args = build_parser().parse_args(argv)
+    if args.command == "tiny-model":
+        return tiny_model(args)
+    return serve(args)
+
+
+def tiny_model(args: argparse.Namespace) -> int:
+    from service.scoring.tiny import build_tiny_model
+
+    try:
+        out = build_tiny_model(args.dir, args.arch, seed=args.seed)
+    except ValueError as exc:
+        return fail(str(exc))
+    print(f"wrote a tiny {args.arch} reward model to {out}")
+    return 0
+
+
+def fail(message: str) -> int:
+    print(f"crs-service: error: {message}", file=sys.stderr)
+    return 2
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Check the model directory, then run uvicorn until SIGTERM/SIGINT, draining gracefully."""
+    from service.settings import Settings
+
+    overrides = {field: getattr(args, flag) for flag, field in SERVE_FLAGS.items()}
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        return fail(f"invalid settings: {exc}")
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if settings.model_path is None:
+        return fail("no model: pass --model DIR or set CRS_MODEL_PATH")
+    from service.scoring.model import preflight
+    from service.scoring.types import ModelLoadError
+
+    try:
+        preflight(settings.model_path, settings)
+    except ModelLoadError as exc:
+        return fail(str(exc))
+    from service.server import run_server
+
+    return run_server(settings, access_log=args.access_log)

@@ -1,0 +1,1 @@
+"""Model loading, input formatting and batched forward passes."""

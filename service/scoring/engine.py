@@ -1,0 +1,125 @@
+"""The engine: an async facade over a reward model that the API awaits.
+
+Tokenisation runs in a small thread pool and the forward in one thread per device, so the
+event loop only ever waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal, Protocol
+
+from service.scoring.model import RewardModel, load_reward_model, plan_batches
+from service.scoring.types import ModelInfo, RewardInput, Score
+from service.settings import Settings, Truncation
+
+log = logging.getLogger("crs.engine")
+
+EngineState = Literal["loading", "ready", "failed", "stopped"]
+WARM_UP_ITEM = RewardInput(prompt="How are you?", response="Fine, thank you.")
+
+
+class EngineNotReady(RuntimeError):
+    """Scoring was asked of an engine whose model is not loaded (yet, or any more)."""
+
+
+class RewardEngine(Protocol):
+    """What the API needs of a scoring engine; tests may supply a fake one."""
+
+    @property
+    def state(self) -> EngineState: ...
+
+    @property
+    def info(self) -> ModelInfo | None: ...
+
+    @property
+    def load_error(self) -> str | None: ...
+
+    async def astart(self) -> None:
+        """Load and warm the model; returns when ready, raises when the load failed."""
+
+    async def astop(self) -> None:
+        """Release threads and the model."""
+
+    async def score(self, items: Sequence[RewardInput], *, truncation: Truncation) -> list[Score]:
+        """Raw rewards of the items, in order."""
+
+
+class HFRewardEngine:
+    """Scores with a Hugging Face sequence classifier, batching the items of each call."""
+
+    def __init__(self, model_path: Path, settings: Settings) -> None:
+        self._model_path = model_path
+        self._settings = settings
+        self._model: RewardModel | None = None
+        self._state: EngineState = "loading"
+        self._load_error: str | None = None
+        self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="crs-tokenize")
+        # One thread owns the device: forwards never race each other for it.
+        self._device_pool = ThreadPoolExecutor(1, thread_name_prefix="crs-device")
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def info(self) -> ModelInfo | None:
+        return self._model.info if self._model else None
+
+    @property
+    def load_error(self) -> str | None:
+        return self._load_error
+
+    async def astart(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            model = await loop.run_in_executor(
+                self._device_pool, load_reward_model, self._model_path, self._settings
+            )
+            # The first forward pays for lazy initialisation; do it before saying ready.
+            warm_up = model.formatter.encode([WARM_UP_ITEM], "left")
+            await loop.run_in_executor(self._device_pool, model.forward, warm_up)
+        except Exception as exc:
+            self._state = "failed"
+            self._load_error = str(exc)
+            raise
+        self._model = model
+        self._state = "ready"
+        log.info(
+            "model %s ready on %s (%s, %s input, max %d tokens)",
+            model.info.version,
+            model.info.device,
+            model.info.dtype,
+            model.info.input_format,
+            model.info.max_input_tokens,
+        )
+
+    async def astop(self) -> None:
+        self._state = "stopped"
+        self._model = None
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        self._device_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def score(self, items: Sequence[RewardInput], *, truncation: Truncation) -> list[Score]:
+        model = self._model
+        if model is None or self._state != "ready":
+            raise EngineNotReady(f"model is {self._state}")
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(
+            self._tokenize_pool, model.formatter.encode, items, truncation
+        )
+        rewards = [0.0] * len(encoded)
+        for batch in plan_batches([e.length for e in encoded], self._settings.max_batch_tokens):
+            batch_rewards = await loop.run_in_executor(
+                self._device_pool, model.forward, [encoded[i] for i in batch]
+            )
+            for index, reward in zip(batch, batch_rewards, strict=True):
+                rewards[index] = reward
+        return [
+            Score(reward=reward, tokens=item.length, truncated=item.truncated)
+            for reward, item in zip(rewards, encoded, strict=True)
+        ]

@@ -1,0 +1,240 @@
+"""Loading a Hugging Face reward model and running its forward pass."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.scoring.formatting import Formatter, resolve_input_format
+from service.scoring.types import Encoded, ModelInfo, ModelLoadError
+from service.settings import Settings
+
+log = logging.getLogger("crs.model")
+
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# Files that do not change what the model computes stay out of the version digest.
+UNHASHED_PREFIXES = ("README", ".git", "LICENSE")
+DIGEST_CHARS = 12
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardModel:
+    """One loaded model version: weights on a device, its tokenizer and formatter."""
+
+    info: ModelInfo
+    model: Any
+    formatter: Formatter
+    device: torch.device
+    pad_token_id: int
+
+    def forward(self, batch: Sequence[Encoded]) -> list[float]:
+        """Raw rewards (logits, no sigmoid) of one batch, with one device-to-host copy."""
+        inputs = pad_batch(batch, self.pad_token_id, self.device)
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits
+        rewards: list[float] = logits[:, self.info.label_index].float().cpu().tolist()
+        return rewards
+
+
+def pad_batch(batch: Sequence[Encoded], pad_token_id: int, device: torch.device) -> dict[str, Any]:
+    """Right-pad a batch. Right padding keeps every real token at the position it has alone,
+    so a score never depends on its batch mates (left padding shifts positions)."""
+    width = max(item.length for item in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    with_types = batch[0].token_type_ids is not None
+    token_type_ids = torch.zeros((len(batch), width), dtype=torch.long) if with_types else None
+    for row, item in enumerate(batch):
+        input_ids[row, : item.length] = torch.tensor(item.input_ids, dtype=torch.long)
+        attention_mask[row, : item.length] = 1
+        if token_type_ids is not None and item.token_type_ids is not None:
+            token_type_ids[row, : item.length] = torch.tensor(item.token_type_ids)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        inputs["token_type_ids"] = token_type_ids
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in inputs.items()}
+
+
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into length-sorted batches whose padded size fits the token budget.
+
+    An item longer than the budget alone still gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        # Sorted ascending, so this item sets the padded width of the batch.
+        if current and (len(current) + 1) * lengths[index] > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def model_digest(path: Path) -> str:
+    """A content digest of the files that decide the scores: weights, config, tokenizer."""
+    sha = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        if file.name.startswith(UNHASHED_PREFIXES):
+            continue
+        sha.update(file.name.encode() + b"\0")
+        with file.open("rb") as handle:
+            while chunk := handle.read(8 * 1024 * 1024):
+                sha.update(chunk)
+    return sha.hexdigest()[:DIGEST_CHARS]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA and float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preflight:
+    """What a cheap look at a model directory found, before any weights are read."""
+
+    config: Any
+    label_index: int
+    use_safetensors: bool
+
+
+def preflight(path: Path, settings: Settings) -> Preflight:
+    """Refuse a directory that cannot be a reward model, with a message naming the problem."""
+    from transformers import AutoConfig
+
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=settings.trust_remote_code)
+    except (ValueError, OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read the config of {path}: {exc}") from exc
+    return Preflight(
+        config=config,
+        label_index=check_labels(config.num_labels, settings.label_index),
+        use_safetensors=check_weights(path, settings.allow_pickle_weights),
+    )
+
+
+def check_labels(num_labels: int, label_index: int | None) -> int:
+    """The logit that is the reward: the only one, or the one the settings pick."""
+    if label_index is None:
+        if num_labels != 1:
+            raise ModelLoadError(
+                f"the model has num_labels={num_labels}; a reward model has one output. "
+                "Pick the reward logit with --label-index (CRS_LABEL_INDEX)"
+            )
+        return 0
+    if label_index >= num_labels:
+        raise ModelLoadError(f"label index {label_index} is out of range: num_labels={num_labels}")
+    return label_index
+
+
+def check_weights(path: Path, allow_pickle: bool) -> bool:
+    """True to load safetensors; pickle weights only when explicitly allowed."""
+    if any((path / name).is_file() for name in SAFE_WEIGHTS):
+        return True
+    if any((path / name).is_file() for name in PICKLE_WEIGHTS):
+        if allow_pickle:
+            return False
+        raise ModelLoadError(
+            f"{path} has only pickle weights (pytorch_model.bin), which can run code when loaded; "
+            "convert them to safetensors or pass --allow-pickle-weights"
+        )
+    raise ModelLoadError(f"{path} has no weights (model.safetensors or pytorch_model.bin)")
+
+
+def model_max_tokens(config: Any, tokenizer: Any) -> int:
+    """The longest input the model takes: the smaller of its positions and the tokenizer limit."""
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    # Tokenizers without a limit report a huge sentinel (about 1e30).
+    sane = [int(limit) for limit in limits if isinstance(limit, int) and 0 < limit < 10**7]
+    if not sane:
+        raise ModelLoadError("the model declares no maximum length; set CRS_MAX_INPUT_TOKENS")
+    return min(sane)
+
+
+def load_reward_model(path: Path, settings: Settings) -> RewardModel:
+    """Load weights and tokenizer from ``path`` and check they make a one-output reward model."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    checked = preflight(path, settings)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=settings.trust_remote_code)
+    model, loading_info = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        dtype=dtype,
+        use_safetensors=checked.use_safetensors,
+        trust_remote_code=settings.trust_remote_code,
+        output_loading_info=True,
+    )
+    if loading_info.get("missing_keys"):
+        missing = sorted(loading_info["missing_keys"])
+        raise ModelLoadError(
+            f"{path} is not a trained sequence classifier: weights missing for {missing[:4]} "
+            "(a base model would get a random score head)"
+        )
+    pad_token_id = pad_id(tokenizer, model.config)
+    max_tokens = settings.max_input_tokens or model_max_tokens(model.config, tokenizer)
+    if settings.max_input_tokens and max_tokens > model_max_tokens(model.config, tokenizer):
+        raise ModelLoadError(
+            f"CRS_MAX_INPUT_TOKENS={max_tokens} exceeds the model's maximum of "
+            f"{model_max_tokens(model.config, tokenizer)} tokens"
+        )
+    input_format = resolve_input_format(settings.input_format, tokenizer)
+    info = ModelInfo(
+        name=settings.model_name or path.resolve().name,
+        version=f"{settings.model_name or path.resolve().name}@{model_digest(path)}",
+        path=path,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        input_format=input_format,
+        max_input_tokens=max_tokens,
+        label_index=checked.label_index,
+    )
+    return RewardModel(
+        info=info,
+        model=model.to(device).eval(),
+        formatter=Formatter(tokenizer, input_format, max_tokens),
+        device=device,
+        pad_token_id=pad_token_id,
+    )
+
+
+def pad_id(tokenizer: Any, config: Any) -> int:
+    """The padding token. Decoder classifiers pool at the last token that is not
+    ``config.pad_token_id``, so that id (when set) is what batches must be padded with."""
+    candidates = (config.pad_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    pad = next((int(c) for c in candidates if c is not None), None)
+    if pad is None:
+        raise ModelLoadError("the tokenizer has neither a pad nor an eos token to pad with")
+    if config.pad_token_id is None:
+        log.warning("model config has no pad_token_id; using %d so batches can be scored", pad)
+        config.pad_token_id = pad
+    return pad

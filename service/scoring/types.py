@@ -1,0 +1,73 @@
+"""Plain data passed between the API and the scoring layer (no torch here)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Prompt = str | Sequence[Mapping[str, str]]
+ResolvedFormat = Literal["chat", "pair"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RewardInput:
+    """One (prompt, response) pair to score."""
+
+    prompt: Prompt
+    response: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Encoded:
+    """Token ids of one formatted item, ready to be padded into a batch."""
+
+    input_ids: list[int]
+    token_type_ids: list[int] | None
+    truncated: bool
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Score:
+    """The raw reward of one item and what was scored."""
+
+    reward: float
+    tokens: int
+    truncated: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    """What one loaded model version is; frozen so a swap can never change it under a request."""
+
+    name: str
+    version: str
+    path: Path
+    device: str
+    dtype: str
+    input_format: ResolvedFormat
+    max_input_tokens: int
+    label_index: int
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory that cannot serve as a reward model; the message says why."""
+
+
+class InputTooLong(ValueError):
+    """Items longer than the token limit while truncation is off."""
+
+    def __init__(self, lengths: Mapping[int, int], limit: int) -> None:
+        self.lengths = dict(lengths)
+        self.limit = limit
+        first = min(self.lengths)
+        super().__init__(
+            f"item {first} has {self.lengths[first]} tokens, over the limit of {limit}"
+            + (f" ({len(self.lengths)} items are over)" if len(self.lengths) > 1 else "")
+            + '; shorten it or ask for "truncation": "left"'
+        )

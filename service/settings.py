@@ -1,0 +1,63 @@
+"""Service settings: one pydantic-settings class, environment prefix ``CRS_``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+InputFormat = Literal["auto", "chat", "pair"]
+Truncation = Literal["none", "left"]
+DeviceName = Literal["auto", "cpu", "cuda"] | str
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment (``CRS_*``) or the command line."""
+
+    model_config = SettingsConfigDict(env_prefix="CRS_", extra="ignore")
+
+    model_path: Path | None = Field(default=None, description="Hugging Face reward model directory")
+    model_name: str | None = Field(default=None, description="name in the model version")
+    label_index: int | None = Field(
+        default=None, ge=0, description="which logit is the reward when num_labels > 1"
+    )
+    device: DeviceName = "auto"
+    dtype: DType = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU")
+    input_format: InputFormat = "auto"
+    trust_remote_code: bool = False
+    allow_pickle_weights: bool = Field(
+        default=False, description="load pytorch_model.bin (pickle can run code)"
+    )
+
+    max_input_tokens: int | None = Field(default=None, gt=0, description="default: model max")
+    truncation: Truncation = "none"
+    max_items_per_request: int = Field(default=4096, gt=0)
+    max_body_bytes: int = Field(default=32 * MiB, gt=0)
+    max_batch_tokens: int = Field(default=16384, gt=0, description="padded tokens per batch")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    admin_token: SecretStr | None = None
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: object) -> object:
+        # A comma list, so tokens can be rotated by deploying "old,new" then "new".
+        if isinstance(value, str):
+            return [token.strip() for token in value.split(",") if token.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_tokens(self) -> Settings:
+        for token in [*self.api_tokens, *([self.admin_token] if self.admin_token else [])]:
+            if len(token.get_secret_value()) < 8:
+                raise ValueError("tokens must be at least 8 characters long")
+        return self
