@@ -31,7 +31,6 @@ class Metrics:
         self.items_scored = Counter("crs_items_scored", "items scored by the model", registry=r)
         self.tokens_scored = Counter("crs_tokens_scored", "real tokens scored", registry=r)
         self.items_truncated = Counter("crs_items_truncated", "items cut to fit", registry=r)
-        self.errors = Counter("crs_errors", "error responses by type", ["type"], registry=r)
         self.model_info = Gauge(
             "crs_model_info", "the active model (value 1)", ["name", "version"], registry=r
         )

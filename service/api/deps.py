@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from service.scoring.engine import RewardEngine
 from service.settings import Settings
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
+OFF_LOOP_BYTES = 256 * 1024
 
 
 @dataclass(kw_only=True)
@@ -61,10 +63,9 @@ def require_api_token(request: Request, services: ServicesDep) -> None:
 
 
 def ready_engine(services: ServicesDep) -> RewardEngine:
-    """The engine, or 503 while the model loads or the service drains."""
+    """The engine, or 503 while the model loads. Draining does not refuse: a request that got
+    in is served, and only ``/readyz`` tells balancers to stop sending."""
     engine = services.engine
-    if services.draining:
-        raise ServiceError(503, "service is shutting down", headers={"Retry-After": "1"})
     if engine.state != "ready":
         message = f"model is {engine.state}"
         if engine.load_error:
@@ -88,10 +89,17 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise too_large(f"body exceeds the limit of {max_bytes} bytes")
         chunks.append(chunk)
+    body = b"".join(chunks)
     try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ServiceError(422, f"body is not valid JSON: {exc}") from exc
+        if len(body) < OFF_LOOP_BYTES:
+            return json.loads(body)
+        # Megabytes of JSON take milliseconds to parse: keep the event loop free meanwhile.
+        return await asyncio.to_thread(json.loads, body)
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad JSON, bad UTF-8 and integers of over 4300 digits;
+        # RecursionError a deeply nested body.
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ServiceError(422, f"body is not valid JSON: {reason}") from exc
 
 
 def too_large(message: str) -> ServiceError:

@@ -12,7 +12,7 @@ from service.settings import Truncation
 NonEmpty = Annotated[str, StringConstraints(min_length=1), Field(strict=True)]
 Role = Literal["system", "user", "assistant", "tool"]
 BaselineSource = Literal["cache", "computed", "missing", "unavailable"]
-AGGREGATE = re.compile(r"^(mean|median|min|max|quantile:(0(\.\d+)?|1(\.0+)?))$")
+AGGREGATE = re.compile(r"(mean|median|min|max|quantile:(0(\.\d+)?|1(\.0+)?))")
 
 
 class StrictBody(BaseModel):
@@ -48,7 +48,7 @@ class ContrastiveOptions(StrictBody):
     @field_validator("aggregate")
     @classmethod
     def _known_aggregate(cls, value: str) -> str:
-        if not AGGREGATE.match(value):
+        if not AGGREGATE.fullmatch(value):
             raise ValueError("must be mean, median, min, max or quantile:<q> with 0 <= q <= 1")
         return value
 

@@ -158,6 +158,7 @@ def _llama_tokenizer() -> PreTrainedTokenizerFast:
 
 def _bert_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, models, normalizers, trainers
+    from tokenizers.processors import TemplateProcessing
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     # The WordPiece trainer numbers the "##x" continuation pieces in hash-map order, which
@@ -176,6 +177,12 @@ def _bert_tokenizer() -> PreTrainedTokenizerFast:
     scratch.train_from_iterator(_CORPUS, trainer=trainer)
     tok = _bert_pipeline(Tokenizer(models.WordPiece(scratch.get_vocab(), unk_token="[UNK]")))
     tok.add_special_tokens(specials)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
     return _wrap(
         tok,
         pad_token="[PAD]",
@@ -184,23 +191,18 @@ def _bert_tokenizer() -> PreTrainedTokenizerFast:
         sep_token="[SEP]",
         mask_token="[MASK]",
         model_max_length=512,
+        # As BERT's own tokenizer: segment ids tell the model where the response starts.
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
 
 
 def _bert_pipeline(tok: Any) -> Any:
-    """Give a WordPiece ``tokenizers.Tokenizer`` BERT's normaliser, splitting and template."""
+    """Give a WordPiece ``tokenizers.Tokenizer`` BERT's normaliser, splitting and decoder."""
     from tokenizers import decoders, normalizers, pre_tokenizers
-    from tokenizers.processors import TemplateProcessing
 
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
-    tok.post_processor = TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        # Fixed ids: the five specials are always the first five vocab entries.
-        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
-    )
     return tok
 
 

@@ -71,6 +71,16 @@ def test_llama_byte_level_round_trips_unicode(built: dict[str, Path]) -> None:
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
 
 
+def test_bert_wordpiece_round_trips_plain_text(built: dict[str, Path]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(built["bert"])
+    ids = tokenizer("Hello, World 42! Unbelievable.")["input_ids"]
+    assert ids[0] == tokenizer.cls_token_id
+    assert ids[-1] == tokenizer.sep_token_id
+    assert tokenizer.unk_token_id not in ids
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    assert decoded == "hello, world 42! unbelievable."
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_seed_determines_weights(tmp_path: Path, arch: TinyArch) -> None:
     first = build_tiny_model(tmp_path / "a", arch, seed=1)

@@ -1,0 +1,87 @@
+"""Input formatting and batching never change a score: batch mates, padding side, truncation."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from service.scoring.model import RewardModel, load_reward_model
+from service.scoring.types import InputTooLong, RewardInput
+from service.settings import Settings
+from tests.models import DirectScorer, mixed_items
+
+ALONE = RewardInput(prompt="Is the sky blue?", response="Yes, on a clear day.")
+
+
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_bert"])
+def loaded(request: pytest.FixtureRequest) -> RewardModel:
+    return load_reward_model(request.getfixturevalue(request.param), Settings())
+
+
+def test_score_does_not_depend_on_batch_mates(loaded: RewardModel) -> None:
+    mates = [RewardInput(prompt=i["prompt"], response=i["response"]) for i in mixed_items(7)]
+    alone = loaded.forward(loaded.formatter.encode([ALONE], "none"))[0]
+    for position in (0, 3, 7):
+        batch = [*mates[:position], ALONE, *mates[position:]]
+        together = loaded.forward(loaded.formatter.encode(batch, "none"))
+        assert together[position] == pytest.approx(alone, abs=1e-5)
+
+
+def test_padding_side_of_the_tokenizer_does_not_matter(tiny_llama: Path, tmp_path: Path) -> None:
+    left = shutil.copytree(tiny_llama, tmp_path / "left-padded")
+    config = (left / "tokenizer_config.json").read_text()
+    (left / "tokenizer_config.json").write_text(config.replace("{", '{"padding_side": "left",', 1))
+    items = [RewardInput(prompt=i["prompt"], response=i["response"]) for i in mixed_items(8)]
+    right_model = load_reward_model(tiny_llama, Settings())
+    left_model = load_reward_model(left, Settings())
+    assert left_model.formatter.tokenizer.padding_side == "left"
+    expected = right_model.forward(right_model.formatter.encode(items, "none"))
+    assert left_model.forward(left_model.formatter.encode(items, "none")) == pytest.approx(
+        expected, abs=1e-5
+    )
+    assert expected == pytest.approx(
+        DirectScorer(tiny_llama).rewards(
+            [{"prompt": i.prompt, "response": i.response} for i in items]
+        ),
+        abs=1e-4,
+    )
+
+
+def test_chat_format_renders_the_template_once(tiny_llama: Path) -> None:
+    loaded = load_reward_model(tiny_llama, Settings())
+    assert loaded.info.input_format == "chat"
+    (encoded,) = loaded.formatter.encode([ALONE], "none")
+    tokenizer = loaded.formatter.tokenizer
+    text = tokenizer.decode(encoded.input_ids)
+    assert text.count(tokenizer.bos_token) == 1
+    assert "<|user|>\nIs the sky blue?" in text
+    assert "<|assistant|>\nYes, on a clear day." in text
+
+
+def test_pair_format_for_encoders(tiny_bert: Path) -> None:
+    loaded = load_reward_model(tiny_bert, Settings())
+    assert loaded.info.input_format == "pair"
+    (encoded,) = loaded.formatter.encode([ALONE], "none")
+    assert encoded.token_type_ids is not None
+    assert encoded.token_type_ids[0] == 0
+    assert encoded.token_type_ids[-1] == 1
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_bert"])
+def test_left_truncation_keeps_the_start_token_and_the_end(
+    request: pytest.FixtureRequest, arch: str
+) -> None:
+    model_dir = request.getfixturevalue(arch)
+    loaded = load_reward_model(model_dir, Settings(max_input_tokens=32))
+    long_item = RewardInput(prompt="background " * 60, response="the final answer is four")
+    with pytest.raises(InputTooLong, match="item 1 has"):
+        loaded.formatter.encode([RewardInput(prompt="hi", response="ok"), long_item], "none")
+    full = load_reward_model(model_dir, Settings()).formatter.encode([long_item], "none")[0]
+    (cut,) = loaded.formatter.encode([long_item], "left")
+    assert cut.truncated
+    assert cut.length == 32
+    assert cut.input_ids[0] == full.input_ids[0]  # BOS / CLS survives
+    assert cut.input_ids[1:] == full.input_ids[-31:]  # the end: prompt's tail and the response
+    assert "the final answer is four" in loaded.formatter.tokenizer.decode(cut.input_ids)

@@ -1,0 +1,125 @@
+"""The real Hugging Face loading path: what it accepts, what it refuses and why."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.scoring.model import load_reward_model, preflight
+from service.scoring.types import ModelLoadError, RewardInput
+from service.settings import Settings
+from tests.models import DirectScorer
+
+
+def two_label_model(source: Path, out: Path) -> Path:
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=2, ignore_mismatched_sizes=True
+    ).save_pretrained(out)
+    shutil.copy(source / "tokenizer.json", out)
+    shutil.copy(source / "tokenizer_config.json", out)
+    return out
+
+
+def test_two_labels_are_refused_with_a_hint(tiny_bert: Path, tmp_path: Path) -> None:
+    model_dir = two_label_model(tiny_bert, tmp_path / "m")
+    with pytest.raises(ModelLoadError, match=r"num_labels=2.*label-index"):
+        preflight(model_dir, Settings())
+
+
+def test_label_index_picks_the_reward_logit(tiny_bert: Path, tmp_path: Path) -> None:
+    model_dir = two_label_model(tiny_bert, tmp_path / "m")
+    loaded = load_reward_model(model_dir, Settings(label_index=1))
+    direct = DirectScorer(model_dir)
+    responses = ["yes", "no, and here is a longer answer"]
+    encoded = loaded.formatter.encode(
+        [RewardInput(prompt="p", response=r) for r in responses], "none"
+    )
+    rewards = loaded.forward(encoded)
+    with torch.no_grad():
+        expected = [float(direct.model(**direct.encode("p", r)).logits[0, 1]) for r in responses]
+    assert rewards == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ModelLoadError, match="out of range"):
+        preflight(model_dir, Settings(label_index=2))
+
+
+def pickle_only(source: Path, out: Path) -> Path:
+    from safetensors.torch import load_file
+
+    shutil.copytree(source, out)
+    torch.save(load_file(out / "model.safetensors"), out / "pytorch_model.bin")
+    (out / "model.safetensors").unlink()
+    return out
+
+
+def test_pickle_weights_need_explicit_consent(tiny_bert: Path, tmp_path: Path) -> None:
+    model_dir = pickle_only(tiny_bert, tmp_path / "m")
+    with pytest.raises(ModelLoadError, match="pickle"):
+        preflight(model_dir, Settings())
+    loaded = load_reward_model(model_dir, Settings(allow_pickle_weights=True))
+    assert loaded.info.max_input_tokens == 512
+
+
+def test_base_model_without_a_score_head_is_refused(tiny_bert: Path, tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    base = AutoModel.from_pretrained(tiny_bert)
+    base.config.num_labels = 1
+    base.save_pretrained(tmp_path / "m")
+    shutil.copy(tiny_bert / "tokenizer.json", tmp_path / "m")
+    shutil.copy(tiny_bert / "tokenizer_config.json", tmp_path / "m")
+    with pytest.raises(ModelLoadError, match="random score head"):
+        load_reward_model(tmp_path / "m", Settings())
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (Settings(max_input_tokens=4096), "exceeds the model's maximum of 512"),
+        (Settings(input_format="chat"), "chat template"),
+    ],
+    ids=["too-many-tokens", "chat-without-template"],
+)
+def test_settings_the_model_cannot_honour(
+    tiny_bert: Path, settings: Settings, message: str
+) -> None:
+    with pytest.raises((ModelLoadError, ValueError), match=message):
+        load_reward_model(tiny_bert, settings)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_cuda_asked_without_cuda(tiny_bert: Path) -> None:
+    with pytest.raises(ModelLoadError, match="CUDA is not available"):
+        load_reward_model(tiny_bert, Settings(device="cuda"))
+
+
+def test_missing_directory_and_config(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        preflight(tmp_path / "absent", Settings())
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        preflight(tmp_path, Settings())
+
+
+def test_defaults_fp32_on_cpu_and_dtype_override(tiny_llama: Path) -> None:
+    assert load_reward_model(tiny_llama, Settings()).info.dtype == "float32"
+    assert load_reward_model(tiny_llama, Settings(dtype="bfloat16")).info.dtype == "bfloat16"
+
+
+def test_version_digest_follows_the_weights(tiny_bert: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(tiny_bert, tmp_path / "tiny-bert")
+    before = load_reward_model(copy, Settings(model_name="rm")).info.version
+    assert before.startswith("rm@")
+    assert load_reward_model(copy, Settings(model_name="rm")).info.version == before
+    (copy / "README.md").write_text("docs do not change the scores")
+    assert load_reward_model(copy, Settings(model_name="rm")).info.version == before
+    config = (
+        (copy / "config.json")
+        .read_text()
+        .replace('"hidden_act"', '"classifier_dropout": 0.2, "hidden_act"')
+    )
+    (copy / "config.json").write_text(config)
+    assert load_reward_model(copy, Settings(model_name="rm")).info.version != before

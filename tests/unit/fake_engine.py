@@ -1,0 +1,165 @@
+"""A torch-free ``RewardEngine`` for API tests, and a helper that serves an app to a client.
+
+The fake's rewards and token counts are simple functions of the text, so tests can compute the
+expected values independently; gates let a test hold the load or a score call in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+
+from service.scoring.engine import EngineState
+from service.scoring.types import InputTooLong, ModelInfo, Prompt, RewardInput, Score
+from service.settings import Truncation
+
+FAKE_NAME = "fake-rm"
+FAKE_VERSION = "fake-rm@0123456789ab"
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """The prompt as plain text: the string, or the message contents joined by spaces."""
+    if isinstance(prompt, str):
+        return prompt
+    return " ".join(message["content"] for message in prompt)
+
+
+def fake_reward(prompt: Prompt, response: str) -> float:
+    """The fake's reward: a tenth of the response length, plus 0.5 for a chat prompt."""
+    return len(response) / 10 + (0.0 if isinstance(prompt, str) else 0.5)
+
+
+def fake_tokens(prompt: Prompt, response: str) -> int:
+    """The fake's token count: whitespace-split words of prompt and response, plus 2."""
+    return len(f"{prompt_text(prompt)} {response}".split()) + 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreCall:
+    """One call of ``FakeEngine.score`` as the API made it."""
+
+    items: list[RewardInput]
+    truncation: Truncation
+
+
+class FakeEngine:
+    """Implements ``RewardEngine`` with deterministic rewards and no model.
+
+    ``load_gate`` / ``score_gate``: when set, ``astart`` / ``score`` wait for the event, so a
+    test can observe the "loading" state or a request in flight. ``fail_load``: ``astart``
+    fails with that message. ``fail_next_score``: the next ``score`` raises that exception.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = FAKE_NAME,
+        version: str = FAKE_VERSION,
+        max_input_tokens: int = 1_000_000,
+        load_gate: asyncio.Event | None = None,
+        score_gate: asyncio.Event | None = None,
+        fail_load: str | None = None,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.max_input_tokens = max_input_tokens
+        self.load_gate = load_gate
+        self.score_gate = score_gate
+        self.fail_load = fail_load
+        self.calls: list[ScoreCall] = []
+        self.starts = 0
+        self.stops = 0
+        self._score_error: Exception | None = None
+        self._state: EngineState = "loading"
+        self._load_error: str | None = None
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def info(self) -> ModelInfo | None:
+        if self._state != "ready":
+            return None
+        return ModelInfo(
+            name=self.name,
+            version=self.version,
+            path=Path("/models/fake-rm"),
+            device="cpu",
+            dtype="float32",
+            input_format="pair",
+            max_input_tokens=self.max_input_tokens,
+            label_index=0,
+        )
+
+    @property
+    def load_error(self) -> str | None:
+        return self._load_error
+
+    @property
+    def items_scored(self) -> int:
+        """How many items reached the engine, over all calls."""
+        return sum(len(call.items) for call in self.calls)
+
+    def fail_next_score(self, error: Exception) -> None:
+        """Make the next ``score`` call raise ``error`` (once)."""
+        self._score_error = error
+
+    async def astart(self) -> None:
+        self.starts += 1
+        if self.load_gate is not None:
+            await self.load_gate.wait()
+        if self.fail_load is not None:
+            self._state = "failed"
+            self._load_error = self.fail_load
+            raise RuntimeError(self.fail_load)
+        self._state = "ready"
+
+    async def astop(self) -> None:
+        self.stops += 1
+        self._state = "stopped"
+
+    async def score(self, items: Sequence[RewardInput], *, truncation: Truncation) -> list[Score]:
+        self.calls.append(ScoreCall(items=list(items), truncation=truncation))
+        if self.score_gate is not None:
+            await self.score_gate.wait()
+        if self._score_error is not None:
+            error, self._score_error = self._score_error, None
+            raise error
+        limit = self.max_input_tokens
+        lengths = [fake_tokens(item.prompt, item.response) for item in items]
+        over = {index: n for index, n in enumerate(lengths) if n > limit}
+        if over and truncation == "none":
+            raise InputTooLong(over, limit)
+        return [
+            Score(
+                reward=fake_reward(item.prompt, item.response),
+                tokens=min(n, limit),
+                truncated=n > limit,
+            )
+            for item, n in zip(items, lengths, strict=True)
+        ]
+
+    async def wait_settled(self, timeout: float = 2.0) -> None:
+        """Return once the load has finished (ready or failed)."""
+        async with asyncio.timeout(timeout):
+            while self._state == "loading":
+                await asyncio.sleep(0.001)
+
+
+@contextlib.asynccontextmanager
+async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of ``app`` with its lifespan running; app exceptions come back as 500s."""
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+    ):
+        yield client

@@ -1,0 +1,264 @@
+"""Property tests of POST /v1/rewards: no input makes it fail with a 5xx or without the envelope.
+
+One app and one client serve every example: the app's lifespan runs in a task of a dedicated
+event loop for the whole module, and each example is one request on that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.app import create_app
+from service.settings import Settings
+from tests.unit.fake_engine import FAKE_VERSION, FakeEngine, fake_reward, fake_tokens, serve
+
+ROLES = ["system", "user", "assistant", "tool"]
+FIELDS = [
+    "items",
+    "prompt",
+    "response",
+    "prompt_id",
+    "role",
+    "content",
+    "contrastive",
+    "aggregate",
+    "normalize",
+    "on_missing",
+    "model_version",
+    "truncation",
+]
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+class LiveApp:
+    """An app with its lifespan running in a task of its own loop; requests run on that loop."""
+
+    def __init__(self) -> None:
+        self.engine = FakeEngine()
+        self.app = create_app(Settings(), engine_factory=lambda _: self.engine)
+        self.loop = asyncio.new_event_loop()
+        self._client: httpx.AsyncClient | None = None
+        self._started: asyncio.Future[None] = self.loop.create_future()
+        self._stop: asyncio.Future[None] = self.loop.create_future()
+        self._holder = self.loop.create_task(self._hold())
+        self.loop.run_until_complete(asyncio.wait_for(asyncio.shield(self._started), 10))
+
+    async def _hold(self) -> None:
+        try:
+            async with serve(self.app) as client:
+                await self.engine.wait_settled()
+                self._client = client
+                self._started.set_result(None)
+                await self._stop
+        except BaseException as exc:
+            if not self._started.done():
+                self._started.set_exception(exc)
+            raise
+
+    def post(self, content: bytes) -> httpx.Response:
+        """POST /v1/rewards with ``content`` as the JSON body."""
+        assert self._client is not None
+        request = self._client.post(
+            "/v1/rewards", content=content, headers={"content-type": "application/json"}
+        )
+        return self.loop.run_until_complete(request)
+
+    def close(self) -> None:
+        self._stop.set_result(None)
+        self.loop.run_until_complete(self._holder)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[LiveApp]:
+    app = LiveApp()
+    yield app
+    app.close()
+
+
+def assert_no_server_error(response: httpx.Response) -> None:
+    """Below 500, and the envelope whenever it is an error."""
+    assert response.status_code < 500, response.text
+    assert response.status_code in {200, 409, 413, 422}, response.text
+    if response.status_code >= 400:
+        body = response.json()
+        assert set(body) == {"error"}, body
+        assert set(body["error"]) == {"type", "message", "details"}, body
+        assert isinstance(body["error"]["type"], str)
+        assert isinstance(body["error"]["message"], str)
+
+
+def expected_result(item: dict[str, Any], contrastive: Any) -> dict[str, Any]:
+    reward = fake_reward(item["prompt"], item["response"])
+    raw = isinstance(contrastive, dict) and contrastive.get("on_missing") == "raw"
+    return {
+        "reward": pytest.approx(reward),
+        "baseline": None,
+        "contrastive": pytest.approx(reward) if raw else None,
+        "baseline_n": 0,
+        "baseline_source": None if contrastive is None else "missing",
+        "tokens": fake_tokens(item["prompt"], item["response"]),
+        "truncated": False,
+    }
+
+
+# --- strategies -------------------------------------------------------------------------------
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+json_values = st.recursive(
+    scalars,
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=10), children, max_size=5)
+    ),
+    max_leaves=25,
+)
+
+valid_messages = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(ROLES), "content": st.text(max_size=30)}),
+    min_size=1,
+    max_size=4,
+)
+valid_prompts = st.text(min_size=1, max_size=40) | valid_messages
+valid_items = st.fixed_dictionaries(
+    {"prompt": valid_prompts, "response": st.text(min_size=1, max_size=40)},
+    optional={"prompt_id": st.text(min_size=1, max_size=20)},
+)
+valid_options = st.none() | st.fixed_dictionaries(
+    {},
+    optional={
+        "aggregate": st.sampled_from(
+            ["mean", "median", "min", "max", "quantile:0", "quantile:0.25", "quantile:1.0"]
+        ),
+        "normalize": st.sampled_from(["none", "std"]),
+        "on_missing": st.sampled_from(["null", "raw"]),
+    },
+)
+valid_requests = st.fixed_dictionaries(
+    {"items": st.lists(valid_items, max_size=8)},
+    optional={
+        "contrastive": valid_options,
+        "truncation": st.sampled_from(["none", "left"]),
+        "model_version": st.just(FAKE_VERSION),
+    },
+)
+
+
+def or_wrong(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Usually a valid value, sometimes any JSON value in its place."""
+    return valid | json_values
+
+
+wrong_messages = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": or_wrong(st.sampled_from([*ROLES, "wizard", "", "User"])),
+            "content": or_wrong(st.text(max_size=10)),
+        },
+        optional={"name": json_values},
+    ),
+    max_size=3,
+)
+wrong_items = st.fixed_dictionaries(
+    {
+        "prompt": or_wrong(st.text(max_size=10) | wrong_messages),
+        "response": or_wrong(st.text(max_size=10)),
+    },
+    optional={"prompt_id": or_wrong(st.text(max_size=10)), "score": json_values},
+)
+wrong_options = st.fixed_dictionaries(
+    {},
+    optional={
+        "aggregate": or_wrong(
+            st.sampled_from(["mean", "avg", "quantile:0.5", "quantile:2", "quantile:", "mean\n"])
+            | st.text(max_size=12)
+        ),
+        "normalize": or_wrong(st.sampled_from(["none", "std", "zscore"])),
+        "on_missing": or_wrong(st.sampled_from(["null", "raw", "error", "drop"])),
+        "weight": json_values,
+    },
+)
+wrong_requests = st.fixed_dictionaries(
+    {"items": or_wrong(st.lists(wrong_items, max_size=5))},
+    optional={
+        "model_version": or_wrong(st.sampled_from([FAKE_VERSION, "other@1", ""])),
+        "contrastive": or_wrong(st.none() | wrong_options),
+        "truncation": or_wrong(st.sampled_from(["none", "left", "right", ""])),
+        "temperature": json_values,
+    },
+)
+
+
+# --- properties -------------------------------------------------------------------------------
+
+
+@FUZZ
+@given(value=json_values)
+def test_any_json_value_gets_no_5xx(live: LiveApp, value: Any) -> None:
+    assert_no_server_error(live.post(json.dumps(value).encode()))
+
+
+@FUZZ
+@given(content=st.binary(max_size=200))
+def test_any_bytes_get_no_5xx(live: LiveApp, content: bytes) -> None:
+    response = live.post(content)
+    assert_no_server_error(response)
+
+
+@FUZZ
+@given(body=valid_requests, data=st.data())
+def test_cut_valid_json_gets_no_5xx(
+    live: LiveApp, body: dict[str, Any], data: st.DataObject
+) -> None:
+    content = json.dumps(body).encode()
+    cut = data.draw(st.integers(min_value=0, max_value=len(content) - 1), label="cut")
+    response = live.post(content[:cut])
+    assert_no_server_error(response)
+    assert response.status_code == 422, response.text
+
+
+@FUZZ
+@given(body=wrong_requests)
+def test_structured_but_wrong_requests_get_no_5xx(live: LiveApp, body: dict[str, Any]) -> None:
+    response = live.post(json.dumps(body).encode())
+    assert_no_server_error(response)
+    if response.status_code == 200:
+        # Whatever was accepted was a valid request after all: one result per item, in order.
+        results = response.json()["results"]
+        assert [r["reward"] for r in results] == [
+            pytest.approx(fake_reward(i["prompt"], i["response"])) for i in body["items"]
+        ]
+
+
+@FUZZ
+@given(body=valid_requests)
+def test_valid_requests_get_one_result_per_item_in_order(
+    live: LiveApp, body: dict[str, Any]
+) -> None:
+    response = live.post(json.dumps(body).encode())
+    assert response.status_code == 200, response.text
+    contrastive = body.get("contrastive", {})
+    assert response.json()["results"] == [expected_result(i, contrastive) for i in body["items"]]
+    if body["items"]:
+        last = live.engine.calls[-1]
+        assert [(i.prompt, i.response) for i in last.items] == [
+            (i["prompt"], i["response"]) for i in body["items"]
+        ]

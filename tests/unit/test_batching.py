@@ -1,0 +1,36 @@
+"""Length-sorted token-budget batches: every item once, budgets respected."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.scoring.model import plan_batches
+
+lengths_st = st.lists(st.integers(min_value=1, max_value=600), max_size=200)
+budget_st = st.integers(min_value=1, max_value=4096)
+
+
+@given(lengths_st, budget_st)
+def test_every_item_lands_in_exactly_one_batch(lengths: list[int], budget: int) -> None:
+    batches = plan_batches(lengths, budget)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert all(batches)
+
+
+@given(lengths_st, budget_st)
+def test_padded_size_fits_the_budget_unless_alone(lengths: list[int], budget: int) -> None:
+    for batch in plan_batches(lengths, budget):
+        padded = len(batch) * max(lengths[i] for i in batch)
+        assert padded <= budget or len(batch) == 1
+
+
+@given(lengths_st, budget_st)
+def test_batches_are_length_sorted(lengths: list[int], budget: int) -> None:
+    order = [lengths[i] for batch in plan_batches(lengths, budget) for i in batch]
+    assert order == sorted(order)
+
+
+def test_similar_lengths_share_a_batch() -> None:
+    # 6 items of 10 tokens fit one 64-token batch; the 60-token item goes alone.
+    assert plan_batches([10, 60, 10, 10, 10, 10, 10], 64) == [[0, 2, 3, 4, 5, 6], [1]]
