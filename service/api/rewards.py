@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from service.api.deps import EngineDep, ServicesDep, parse_body, require_api_token
+from service.api.auth import require_api_token
+from service.api.deps import EngineDep, ServicesDep, parse_body
 from service.api.errors import ServiceError
 from service.api.openapi import json_body
 from service.api.schemas import (
@@ -18,9 +20,11 @@ from service.api.schemas import (
     RewardsResponse,
 )
 from service.scoring.engine import EngineNotReady, RewardEngine
-from service.scoring.types import InputTooLong, RewardInput, Score
+from service.scoring.types import InputTooLong, NonFiniteReward, RewardInput, Score
 from service.settings import Truncation
 from trainer_client.prompt_id import prompt_id
+
+log = logging.getLogger("crs.api")
 
 router = APIRouter(dependencies=[Depends(require_api_token)], tags=["rewards"])
 
@@ -73,6 +77,9 @@ async def score_items(
             "max_input_tokens": exc.limit,
         }
         raise ServiceError(422, str(exc), details=details) from exc
+    except NonFiniteReward as exc:
+        log.error("%s", exc)
+        raise ServiceError(500, str(exc), details={"items": exc.indices}) from exc
     except EngineNotReady as exc:
         raise ServiceError(503, str(exc), headers={"Retry-After": "5"}) from exc
 

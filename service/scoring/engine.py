@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, Protocol
 
 from service.scoring.model import RewardModel, load_reward_model, plan_batches
-from service.scoring.types import ModelInfo, RewardInput, Score
+from service.scoring.types import (
+    ModelInfo,
+    ModelLoadError,
+    NonFiniteReward,
+    RewardInput,
+    Score,
+)
 from service.settings import Settings, Truncation
 
 log = logging.getLogger("crs.engine")
@@ -82,7 +89,9 @@ class HFRewardEngine:
             )
             # The first forward pays for lazy initialisation; do it before saying ready.
             warm_up = model.formatter.encode([WARM_UP_ITEM], "left")
-            await loop.run_in_executor(self._device_pool, model.forward, warm_up)
+            rewards = await loop.run_in_executor(self._device_pool, model.forward, warm_up)
+            if not all(map(math.isfinite, rewards)):
+                raise ModelLoadError(f"the warm-up batch gave a non-finite reward: {rewards}")
         except Exception as exc:
             self._state = "failed"
             self._load_error = str(exc)
@@ -119,6 +128,8 @@ class HFRewardEngine:
             )
             for index, reward in zip(batch, batch_rewards, strict=True):
                 rewards[index] = reward
+        if bad := [index for index, reward in enumerate(rewards) if not math.isfinite(reward)]:
+            raise NonFiniteReward(bad)
         return [
             Score(reward=reward, tokens=item.length, truncated=item.truncated)
             for reward, item in zip(rewards, encoded, strict=True)

@@ -71,3 +71,14 @@ class InputTooLong(ValueError):
             + (f" ({len(self.lengths)} items are over)" if len(self.lengths) > 1 else "")
             + '; shorten it or ask for "truncation": "left"'
         )
+
+
+class NonFiniteReward(ArithmeticError):
+    """The model gave NaN or infinity (for example an fp16 overflow): no reward to return."""
+
+    def __init__(self, indices: list[int]) -> None:
+        self.indices = indices
+        super().__init__(
+            f"the model produced a non-finite reward for item(s) {indices[:8]}; "
+            "try CRS_DTYPE=float32 or bfloat16"
+        )

@@ -123,3 +123,28 @@ def test_version_digest_follows_the_weights(tiny_bert: Path, tmp_path: Path) -> 
     )
     (copy / "config.json").write_text(config)
     assert load_reward_model(copy, Settings(model_name="rm")).info.version != before
+
+
+def test_a_model_giving_nan_fails_its_warm_up(tiny_bert: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    from transformers import AutoModelForSequenceClassification
+
+    from service.scoring.engine import HFRewardEngine
+
+    broken = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    with torch.no_grad():
+        broken.classifier.bias.fill_(float("nan"))
+    broken.save_pretrained(tmp_path / "nan")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_bert / name, tmp_path / "nan")
+
+    async def score() -> None:
+        engine = HFRewardEngine(tmp_path / "nan", Settings())
+        try:
+            await engine.astart()
+        finally:
+            await engine.astop()
+
+    with pytest.raises(ModelLoadError, match="warm-up batch gave a non-finite reward"):
+        asyncio.run(score())

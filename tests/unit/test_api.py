@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
+from service.scoring.types import NonFiniteReward
 from service.settings import Settings
 from tests.unit.fake_engine import FAKE_NAME, FAKE_VERSION, FakeEngine, serve
 
@@ -847,3 +848,17 @@ def _refs(node: Any) -> list[str]:
     if isinstance(node, list):
         return [ref for value in node for ref in _refs(value)]
     return []
+
+
+def test_non_finite_reward_is_a_500_naming_the_items() -> None:
+    async def body() -> None:
+        engine = FakeEngine()
+        async with serve(make_app(engine)) as client:
+            engine.fail_next_score(NonFiniteReward([1]))
+            response = await post(client, {"items": GOOD["items"] * 2})
+            error = assert_envelope(response, 500, "internal")
+            assert "non-finite reward for item(s) [1]" in error["message"]
+            assert error["details"] == {"items": [1]}
+            await assert_good_request_succeeds(client)
+
+    run(body())

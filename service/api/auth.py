@@ -1,0 +1,35 @@
+"""Bearer-token auth (DESIGN.md 4): constant-time comparison, tokens never logged."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+from pydantic import SecretStr
+
+from service.api.deps import ServicesDep
+from service.api.errors import ServiceError
+
+
+def token_matches(presented: str, accepted: list[SecretStr]) -> bool:
+    """Constant-time comparison against every accepted token (no early exit on a match)."""
+    matched = False
+    for token in accepted:
+        matched |= hmac.compare_digest(presented.encode(), token.get_secret_value().encode())
+    return matched
+
+
+def bearer_token(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def require_api_token(request: Request, services: ServicesDep) -> None:
+    """Guards the scoring API when ``CRS_API_TOKENS`` is set."""
+    accepted = services.settings.api_tokens
+    if not accepted:
+        return
+    presented = bearer_token(request)
+    if presented is None or not token_matches(presented, accepted):
+        reason = "missing bearer token" if presented is None else "invalid bearer token"
+        raise ServiceError(401, reason, headers={"WWW-Authenticate": "Bearer"})
