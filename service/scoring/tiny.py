@@ -215,22 +215,29 @@ def _wrap(tok: Any, **special_tokens: Any) -> PreTrainedTokenizerFast:
     )
 
 
+def _shared_config(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+    """What both tiny kinds share: a few small layers and one output, the reward."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        # One label means num_labels == 1 (a scalar reward); transformers derives num_labels
+        # from id2label, and the typed config signature does not list num_labels itself.
+        "id2label": {0: "reward"},
+        "label2id": {"reward": 0},
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def _llama_model(tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **_shared_config(tokenizer),
         num_key_value_heads=2,
         max_position_embeddings=2048,
-        # One label means num_labels == 1 (a scalar reward); transformers derives num_labels
-        # from id2label, and the typed config signature does not list num_labels itself.
-        id2label={0: "reward"},
-        label2id={"reward": 0},
-        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
@@ -240,19 +247,7 @@ def _llama_model(tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
 def _bert_model(tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        # One label means num_labels == 1 (a scalar reward); transformers derives num_labels
-        # from id2label, and the typed config signature does not list num_labels itself.
-        id2label={0: "reward"},
-        label2id={"reward": 0},
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = BertConfig(**_shared_config(tokenizer), max_position_embeddings=512)
     return BertForSequenceClassification(config)
 
 

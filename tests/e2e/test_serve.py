@@ -158,3 +158,23 @@ def test_unusable_model_fails_at_start_with_a_clear_message(
     assert done.returncode == 2
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_model_failing_after_preflight_stops_the_server(tiny_bert: Path, tmp_path: Path) -> None:
+    """A base model passes the quick checks but has no trained head: the load fails in the
+    background, `/readyz` never turns 200, and the process exits 1 naming the problem."""
+    from transformers import AutoModel
+
+    base = AutoModel.from_pretrained(tiny_bert)
+    base.config.num_labels = 1
+    base.save_pretrained(tmp_path / "base")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "base" / name).write_bytes((tiny_bert / name).read_bytes())
+    server = ServiceProcess(tmp_path / "base").start()
+    try:
+        with pytest.raises(RuntimeError, match="random score head"):
+            server.wait_ready(timeout_s=120)
+        assert server.process is not None
+        assert server.process.wait(timeout=30) == 1
+    finally:
+        server.stop()
