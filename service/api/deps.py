@@ -1,4 +1,4 @@
-"""What routes depend on: the app's services, auth, readiness and bounded JSON bodies."""
+"""What routes depend on: the app's services, readiness and bounded JSON bodies."""
 
 from __future__ import annotations
 

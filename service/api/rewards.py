@@ -85,7 +85,7 @@ async def score_items(
 
 
 def result_without_baseline(score: Score, options: ContrastiveOptions | None) -> RewardResult:
-    """A result for a prompt with no baseline (the baseline store arrives with issue 4)."""
+    """A result for a prompt with no baseline (there is no baseline store yet)."""
     result = RewardResult(reward=score.reward, tokens=score.tokens, truncated=score.truncated)
     if options is None:
         return result
