@@ -22,15 +22,15 @@ from service.settings import Settings
 
 log = logging.getLogger("crs.app")
 
-EngineFactory = Callable[[Settings], RewardEngine]
+EngineFactory = Callable[[Settings, Metrics], RewardEngine]
 FatalHandler = Callable[[BaseException], None]
 
 
-def default_engine(settings: Settings) -> RewardEngine:
-    """The Hugging Face engine for ``settings.model_path``."""
+def default_engine(settings: Settings, metrics: Metrics) -> RewardEngine:
+    """The Hugging Face engine for ``settings.model_path``, reporting batches to ``metrics``."""
     if settings.model_path is None:
         raise ValueError("no model: set CRS_MODEL_PATH or pass --model")
-    return HFRewardEngine(settings.model_path, settings)
+    return HFRewardEngine(settings.model_path, settings, metrics)
 
 
 def create_app(
@@ -45,7 +45,10 @@ def create_app(
     ``/readyz`` turns 200 when the model is warm. A failed load is logged, shown by ``/readyz``
     and passed to ``on_fatal`` (the CLI stops the server with it).
     """
-    services = Services(settings=settings, engine=engine_factory(settings), metrics=Metrics())
+    metrics = Metrics()
+    services = Services(
+        settings=settings, engine=engine_factory(settings, metrics), metrics=metrics
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_ITEM_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+BATCH_TOKEN_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+EFFICIENCY_BUCKETS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
 
 
 class Metrics:
@@ -34,6 +39,67 @@ class Metrics:
         self.model_info = Gauge(
             "crs_model_info", "the active model (value 1)", ["name", "version"], registry=r
         )
+        self._batch_metrics(r)
+
+    def _batch_metrics(self, r: CollectorRegistry) -> None:
+        self.queue_items = Gauge("crs_queue_items", "items waiting for a batch", registry=r)
+        self.queue_tokens = Gauge("crs_queue_tokens", "tokens waiting for a batch", registry=r)
+        self.batch_items = Histogram(
+            "crs_batch_items", "items per batch", buckets=BATCH_ITEM_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "crs_batch_tokens",
+            "tokens per batch, padding included",
+            buckets=BATCH_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.batch_padding_efficiency = Histogram(
+            "crs_batch_padding_efficiency",
+            "real tokens / computed tokens per batch",
+            buckets=EFFICIENCY_BUCKETS,
+            registry=r,
+        )
+        self.real_tokens = Counter("crs_batch_real_tokens", "real tokens computed", registry=r)
+        self.padded_tokens = Counter(
+            "crs_batch_padded_tokens", "tokens computed, padding included", registry=r
+        )
+        self.queue_seconds = Histogram(
+            "crs_queue_seconds",
+            "time an item waits for its batch",
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.forward_seconds = Histogram(
+            "crs_forward_seconds",
+            "time of one batch's forward pass",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.items_dropped_total = Counter(
+            "crs_items_dropped", "items taken out of the queue unscored", ["reason"], registry=r
+        )
+
+    # The batcher reports through these (service.scoring.batcher.BatchObserver).
+    def queue_changed(self, items: int, tokens: int) -> None:
+        self.queue_items.set(items)
+        self.queue_tokens.set(tokens)
+
+    def batch_done(
+        self, *, items: int, real_tokens: int, padded_tokens: int, forward_s: float
+    ) -> None:
+        self.batch_items.observe(items)
+        self.batch_tokens.observe(padded_tokens)
+        self.batch_padding_efficiency.observe(real_tokens / padded_tokens)
+        self.real_tokens.inc(real_tokens)
+        self.padded_tokens.inc(padded_tokens)
+        self.forward_seconds.observe(forward_s)
+
+    def items_waited(self, seconds: Sequence[float]) -> None:
+        for wait in seconds:
+            self.queue_seconds.observe(wait)
+
+    def items_dropped(self, reason: str, count: int) -> None:
+        self.items_dropped_total.labels(reason).inc(count)
 
     def render(self) -> bytes:
         """The text exposition format."""

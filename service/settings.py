@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     max_items_per_request: int = Field(default=4096, gt=0)
     max_body_bytes: int = Field(default=32 * MiB, gt=0)
     max_batch_tokens: int = Field(default=16384, gt=0, description="padded tokens per batch")
+    batch_wait_ms: float = Field(
+        default=2.0, ge=0, description="how long a small batch waits for more items"
+    )
+    max_queue_tokens: int = Field(
+        default=1_048_576, gt=0, description="tokens waiting for a batch before 429"
+    )
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, description="a request not scored by then gets 504"
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

@@ -9,8 +9,9 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
-from service.api.errors import ServiceError, from_validation_error
+from service.api.errors import ServiceError, client_closed, from_validation_error
 from service.metrics import Metrics
 from service.scoring.engine import RewardEngine
 from service.settings import Settings
@@ -59,11 +60,14 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         raise too_large(f"body of {declared} bytes exceeds the limit of {max_bytes}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise too_large(f"body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise too_large(f"body exceeds the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        raise client_closed() from exc
     body = b"".join(chunks)
     try:
         if len(body) < OFF_LOOP_BYTES:

@@ -28,6 +28,10 @@ ERROR_TYPES: dict[int, str] = {
 }
 
 
+# nginx's code for "client closed the request": nobody reads the answer, the metrics do.
+CLIENT_CLOSED = 499
+
+
 class ServiceError(Exception):
     """An error the API answers with the envelope; raise it anywhere under a route."""
 
@@ -46,6 +50,11 @@ class ServiceError(Exception):
         self.message = message
         self.details = details
         self.headers = headers
+
+
+def client_closed() -> ServiceError:
+    """The client went away before its answer was ready."""
+    return ServiceError(CLIENT_CLOSED, "client disconnected", error_type="client_closed")
 
 
 def envelope(error_type: str, message: str, details: Any = None) -> dict[str, Any]:

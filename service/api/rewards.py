@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 
 from service.api.auth import require_api_token
 from service.api.deps import EngineDep, ServicesDep, parse_body
+from service.api.disconnect import unless_disconnected
 from service.api.errors import ServiceError
 from service.api.openapi import json_body
 from service.api.schemas import (
@@ -19,6 +20,7 @@ from service.api.schemas import (
     RewardsRequest,
     RewardsResponse,
 )
+from service.scoring.batcher import BatchFailed, Overloaded, QueueTimeout
 from service.scoring.engine import EngineNotReady, RewardEngine
 from service.scoring.types import InputTooLong, NonFiniteReward, RewardInput, Score
 from service.settings import Truncation
@@ -38,7 +40,7 @@ RewardsBody = Annotated[RewardsRequest, Depends(rewards_body)]
 
 @router.post("/v1/rewards", openapi_extra=json_body(RewardsRequest))
 async def post_rewards(
-    body: RewardsBody, engine: EngineDep, services: ServicesDep
+    request: Request, body: RewardsBody, engine: EngineDep, services: ServicesDep
 ) -> RewardsResponse:
     """Score every item with the active reward model; results come in request order."""
     info = engine.info
@@ -52,7 +54,9 @@ async def post_rewards(
     if body.contrastive is not None and body.contrastive.on_missing == "error" and body.items:
         # No baseline store yet: every prompt is missing, so refuse before scoring anything.
         raise missing_baselines(body.items)
-    scores = await score_items(engine, body, services.settings.truncation)
+    scores = await unless_disconnected(
+        request, score_items(engine, body, services.settings.truncation)
+    )
     metrics = services.metrics
     metrics.items_scored.inc(len(scores))
     metrics.tokens_scored.inc(sum(score.tokens for score in scores))
@@ -82,6 +86,12 @@ async def score_items(
         raise ServiceError(500, str(exc), details={"items": exc.indices}) from exc
     except EngineNotReady as exc:
         raise ServiceError(503, str(exc), headers={"Retry-After": "5"}) from exc
+    except Overloaded as exc:
+        raise ServiceError(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
+    except QueueTimeout as exc:
+        raise ServiceError(504, f"timed out: {exc}") from exc
+    except BatchFailed as exc:
+        raise ServiceError(500, str(exc)) from exc
 
 
 def result_without_baseline(score: Score, options: ContrastiveOptions | None) -> RewardResult:

@@ -1,7 +1,7 @@
 """The engine: an async facade over a reward model that the API awaits.
 
-Tokenisation runs in a small thread pool and the forward in one thread per device, so the
-event loop only ever waits.
+Tokenisation runs in a small thread pool, batches form in the shared batcher, and the forward
+runs in one thread per device, so the event loop only ever waits.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, Protocol
 
-from service.scoring.model import RewardModel, load_reward_model, plan_batches
+from service.scoring.batcher import Batcher, BatchObserver
+from service.scoring.model import RewardModel, load_reward_model
 from service.scoring.types import (
     ModelInfo,
     ModelLoadError,
@@ -57,14 +58,17 @@ class RewardEngine(Protocol):
 
 
 class HFRewardEngine:
-    """Scores with a Hugging Face sequence classifier, batching the items of each call."""
+    """Scores with a Hugging Face sequence classifier, batching items across requests."""
 
-    def __init__(self, model_path: Path, settings: Settings) -> None:
+    def __init__(self, model_path: Path, settings: Settings, observer: BatchObserver) -> None:
         self._model_path = model_path
         self._settings = settings
+        self._observer = observer
         self._model: RewardModel | None = None
+        self._batcher: Batcher | None = None
         self._state: EngineState = "loading"
         self._load_error: str | None = None
+        # Fast tokenizers release the GIL: tokenising runs beside the loop and the device.
         self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="crs-tokenize")
         # One thread owns the device: forwards never race each other for it.
         self._device_pool = ThreadPoolExecutor(1, thread_name_prefix="crs-device")
@@ -97,6 +101,15 @@ class HFRewardEngine:
             self._load_error = str(exc)
             raise
         self._model = model
+        self._batcher = Batcher(
+            forward=model.forward,
+            executor=self._device_pool,
+            max_batch_tokens=self._settings.max_batch_tokens,
+            max_queue_tokens=self._settings.max_queue_tokens,
+            batch_wait_s=self._settings.batch_wait_ms / 1000,
+            observer=self._observer,
+        )
+        self._batcher.start()
         self._state = "ready"
         log.info(
             "model %s ready on %s (%s, %s input, max %d tokens)",
@@ -109,25 +122,25 @@ class HFRewardEngine:
 
     async def astop(self) -> None:
         self._state = "stopped"
+        if self._batcher is not None:
+            await self._batcher.stop()
         self._model = None
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self._device_pool.shutdown(wait=False, cancel_futures=True)
 
     async def score(self, items: Sequence[RewardInput], *, truncation: Truncation) -> list[Score]:
-        model = self._model
-        if model is None or self._state != "ready":
+        model, batcher = self._model, self._batcher
+        if model is None or batcher is None or self._state != "ready":
             raise EngineNotReady(f"model is {self._state}")
-        loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(
-            self._tokenize_pool, model.formatter.encode, items, truncation
-        )
-        rewards = [0.0] * len(encoded)
-        for batch in plan_batches([e.length for e in encoded], self._settings.max_batch_tokens):
-            batch_rewards = await loop.run_in_executor(
-                self._device_pool, model.forward, [encoded[i] for i in batch]
+        try:
+            encoded = await asyncio.get_running_loop().run_in_executor(
+                self._tokenize_pool, model.formatter.encode, items, truncation
             )
-            for index, reward in zip(batch, batch_rewards, strict=True):
-                rewards[index] = reward
+        except asyncio.CancelledError:
+            # Gone before queueing (client disconnected): count them as the batcher would.
+            self._observer.items_dropped("cancelled", len(items))
+            raise
+        rewards = await batcher.submit(encoded, self._settings.request_timeout_s)
         if bad := [index for index, reward in enumerate(rewards) if not math.isfinite(reward)]:
             raise NonFiniteReward(bad)
         return [

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.metrics import Metrics
 from service.scoring.model import load_reward_model, preflight
 from service.scoring.types import ModelLoadError, RewardInput
 from service.settings import Settings
@@ -140,7 +141,7 @@ def test_a_model_giving_nan_fails_its_warm_up(tiny_bert: Path, tmp_path: Path) -
         shutil.copy(tiny_bert / name, tmp_path / "nan")
 
     async def score() -> None:
-        engine = HFRewardEngine(tmp_path / "nan", Settings())
+        engine = HFRewardEngine(tmp_path / "nan", Settings(), Metrics())
         try:
             await engine.astart()
         finally:

@@ -33,7 +33,7 @@ def make_app(
     on_fatal: Callable[[BaseException], None] | None = None,
     **settings: Any,
 ) -> FastAPI:
-    return create_app(Settings(**settings), engine_factory=lambda _: engine, on_fatal=on_fatal)
+    return create_app(Settings(**settings), engine_factory=lambda *_: engine, on_fatal=on_fatal)
 
 
 def as_json(value: Any) -> bytes:
@@ -860,5 +860,46 @@ def test_non_finite_reward_is_a_500_naming_the_items() -> None:
             assert "non-finite reward for item(s) [1]" in error["message"]
             assert error["details"] == {"items": [1]}
             await assert_good_request_succeeds(client)
+
+    run(body())
+
+
+def test_client_gone_while_sending_its_body_is_a_499_not_a_500() -> None:
+    """The client hangs up after part of the body: no 500, no traceback, nothing scored."""
+    messages = [
+        {"type": "http.request", "body": b'{"items": [', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def body() -> None:
+        engine = FakeEngine()
+        app = make_app(engine)
+        async with serve(app):
+            await engine.wait_settled()
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/v1/rewards",
+                "raw_path": b"/v1/rewards",
+                "query_string": b"",
+                "root_path": "",
+                "headers": [(b"content-type", b"application/json")],
+                "client": ("127.0.0.1", 1),
+                "server": ("test", 80),
+            }
+            await app(scope, receive, send)
+        assert sent[0]["status"] == 499
+        assert json.loads(sent[1]["body"])["error"]["type"] == "client_closed"
+        assert engine.calls == []
 
     run(body())

@@ -47,7 +47,7 @@ class LiveApp:
 
     def __init__(self) -> None:
         self.engine = FakeEngine()
-        self.app = create_app(Settings(), engine_factory=lambda _: self.engine)
+        self.app = create_app(Settings(), engine_factory=lambda *_: self.engine)
         self.loop = asyncio.new_event_loop()
         self._client: httpx.AsyncClient | None = None
         self._started: asyncio.Future[None] = self.loop.create_future()

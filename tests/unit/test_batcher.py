@@ -1,0 +1,243 @@
+"""The cross-request batcher with a stand-in forward: merging, budgets, backpressure, time
+limits, cancellation and failure isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.scoring.batcher import Batcher, BatchFailed, Overloaded, QueueTimeout
+from service.scoring.types import Encoded
+
+POISON = 999
+
+
+def encoded(length: int, tag: int = 1) -> Encoded:
+    return Encoded(input_ids=[tag] * length, token_type_ids=None, truncated=False)
+
+
+def reward_of(item: Encoded) -> float:
+    """What the stand-in model answers: a function of the item alone."""
+    return item.input_ids[0] * 1000.0 + item.length
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.dropped: Counter[str] = Counter()
+        self.batches: list[tuple[int, int, int]] = []
+        self.waits: list[float] = []
+        self.queue: tuple[int, int] = (0, 0)
+
+    def queue_changed(self, items: int, tokens: int) -> None:
+        self.queue = (items, tokens)
+
+    def batch_done(
+        self, *, items: int, real_tokens: int, padded_tokens: int, forward_s: float
+    ) -> None:
+        self.batches.append((items, real_tokens, padded_tokens))
+
+    def items_waited(self, seconds: Sequence[float]) -> None:
+        self.waits.extend(seconds)
+
+    def items_dropped(self, reason: str, count: int) -> None:
+        self.dropped[reason] += count
+
+
+class Model:
+    """A forward that records its batches, can be held, and fails on a poison item."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Encoded]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def forward(self, batch: Sequence[Encoded]) -> list[float]:
+        self.entered.set()
+        self.gate.wait(timeout=10)
+        self.batches.append(list(batch))
+        if any(item.input_ids[0] == POISON for item in batch):
+            raise RuntimeError("poisoned batch")
+        return [reward_of(item) for item in batch]
+
+
+@asynccontextmanager
+async def running(
+    model: Model, *, budget: int = 1000, queue: int = 100_000, wait_s: float = 0.002
+) -> AsyncIterator[tuple[Batcher, Observer]]:
+    observer = Observer()
+    with ThreadPoolExecutor(1) as executor:
+        batcher = Batcher(
+            forward=model.forward,
+            executor=executor,
+            max_batch_tokens=budget,
+            max_queue_tokens=queue,
+            batch_wait_s=wait_s,
+            observer=observer,
+        )
+        batcher.start()
+        try:
+            yield batcher, observer
+        finally:
+            model.gate.set()
+            await batcher.stop()
+
+
+async def hold_device(batcher: Batcher, model: Model) -> asyncio.Task[list[float]]:
+    """Occupy the device with one held batch; returns the task that waits for it."""
+    model.gate.clear()
+    model.entered.clear()
+    task = asyncio.ensure_future(batcher.submit([encoded(4, tag=7)], 10))
+    await asyncio.get_running_loop().run_in_executor(None, model.entered.wait, 5)
+    return task
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rewards() -> None:
+    async def body() -> None:
+        model = Model()
+        async with running(model, budget=4096) as (batcher, observer):
+            held = await hold_device(batcher, model)
+            requests = [[encoded(10 + i % 5, tag=i + 1)] for i in range(40)]
+            tasks = [asyncio.ensure_future(batcher.submit(r, 10)) for r in requests]
+            await asyncio.sleep(0.05)  # let all 40 arrive while the device is busy
+            model.gate.set()
+            results = await asyncio.gather(*tasks)
+            await held
+        assert results == [[reward_of(r[0])] for r in requests]
+        # 40 single-item requests ran in far fewer forward passes than 40.
+        assert len(model.batches) <= 4
+        assert observer.dropped == Counter()
+
+    asyncio.run(body())
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    st.lists(st.lists(st.integers(1, 300), min_size=0, max_size=12), min_size=1, max_size=12),
+    st.integers(64, 2048),
+)
+def test_every_request_gets_its_rewards_in_order_and_budgets_hold(
+    requests: list[list[int]], budget: int
+) -> None:
+    async def body() -> list[list[float]]:
+        model = Model()
+        async with running(model, budget=budget) as (batcher, _):
+            submissions = [
+                [encoded(length, tag=r * 100 + i + 1) for i, length in enumerate(lengths)]
+                for r, lengths in enumerate(requests)
+            ]
+            got = await asyncio.gather(*(batcher.submit(s, 10) for s in submissions))
+        for batch in model.batches:
+            padded = len(batch) * max(item.length for item in batch)
+            assert padded <= budget or len(batch) == 1
+        assert got == [[reward_of(item) for item in s] for s in submissions]
+        return got
+
+    asyncio.run(body())
+
+
+def test_over_the_queue_bound_is_refused_at_once_and_admitted_work_completes() -> None:
+    async def body() -> None:
+        model = Model()
+        async with running(model, budget=64, queue=100) as (batcher, _):
+            held = await hold_device(batcher, model)
+            admitted = asyncio.ensure_future(batcher.submit([encoded(60), encoded(30)], 10))
+            await asyncio.sleep(0)
+            with pytest.raises(Overloaded) as refused:
+                await batcher.submit([encoded(20)], 10)
+            assert refused.value.retry_after_s >= 1
+            assert batcher.queued_tokens == 90
+            model.gate.set()
+            assert await admitted == [reward_of(encoded(60)), reward_of(encoded(30))]
+            await held
+
+    asyncio.run(body())
+
+
+def test_an_empty_queue_admits_a_request_larger_than_the_bound() -> None:
+    async def body() -> None:
+        async with running(Model(), budget=64, queue=10) as (batcher, _):
+            assert await batcher.submit([encoded(50), encoded(50)], 10) == [1050.0, 1050.0]
+
+    asyncio.run(body())
+
+
+def test_timed_out_items_are_dropped_and_never_scored() -> None:
+    async def body() -> None:
+        model = Model()
+        async with running(model) as (batcher, observer):
+            held = await hold_device(batcher, model)
+            with pytest.raises(QueueTimeout, match="1 of 1 items"):
+                await batcher.submit([encoded(5, tag=42)], 0.05)
+            model.gate.set()
+            await held
+            assert batcher.queued_tokens == 0
+        assert observer.dropped == Counter({"timeout": 1})
+        assert all(item.input_ids[0] != 42 for batch in model.batches for item in batch)
+
+    asyncio.run(body())
+
+
+def test_a_cancelled_request_never_reaches_the_model() -> None:
+    async def body() -> None:
+        model = Model()
+        async with running(model) as (batcher, observer):
+            held = await hold_device(batcher, model)
+            gone = asyncio.ensure_future(batcher.submit([encoded(5, tag=43)] * 3, 10))
+            stays = asyncio.ensure_future(batcher.submit([encoded(6, tag=44)], 10))
+            await asyncio.sleep(0.01)
+            gone.cancel()
+            await asyncio.sleep(0)
+            model.gate.set()
+            assert await stays == [44006.0]
+            await held
+        assert gone.cancelled()
+        assert observer.dropped == Counter({"cancelled": 3})
+        assert all(item.input_ids[0] != 43 for batch in model.batches for item in batch)
+
+    asyncio.run(body())
+
+
+def test_a_failed_batch_fails_only_its_requests() -> None:
+    async def body() -> None:
+        model = Model()
+        # A 16-token budget puts each 10-token item in a batch of its own.
+        async with running(model, budget=16) as (batcher, observer):
+            held = await hold_device(batcher, model)
+            poisoned = asyncio.ensure_future(
+                batcher.submit([encoded(10, tag=POISON), encoded(10, tag=5)], 10)
+            )
+            healthy = asyncio.ensure_future(batcher.submit([encoded(10, tag=6)], 10))
+            await asyncio.sleep(0.01)
+            model.gate.set()
+            with pytest.raises(BatchFailed, match="poisoned batch"):
+                await poisoned
+            assert await healthy == [6010.0]
+            await held
+        assert observer.dropped["batch_failed"] <= 1  # its other item, if still queued
+
+    asyncio.run(body())
+
+
+def test_stop_fails_what_still_waits() -> None:
+    async def body() -> None:
+        model = Model()
+        async with running(model) as (batcher, _):
+            held = await hold_device(batcher, model)
+            waiting = asyncio.ensure_future(batcher.submit([encoded(5)], 10))
+            await asyncio.sleep(0.01)
+            await batcher.stop()
+            with pytest.raises(BatchFailed, match="shutting down"):
+                await waiting
+            model.gate.set()
+            await held
+
+    asyncio.run(body())
