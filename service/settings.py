@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         default=2.0, ge=0, description="how long a small batch waits for more items"
     )
+    min_batch_efficiency: float = Field(
+        default=0.9, ge=0, le=1, description="least real/computed tokens a batch may have"
+    )
     max_queue_tokens: int = Field(
         default=1_048_576, gt=0, description="tokens waiting for a batch before 429"
     )

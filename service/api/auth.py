@@ -24,7 +24,7 @@ def bearer_token(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def require_api_token(request: Request, services: ServicesDep) -> None:
+async def require_api_token(request: Request, services: ServicesDep) -> None:
     """Guards the scoring API when ``CRS_API_TOKENS`` is set."""
     accepted = services.settings.api_tokens
     if not accepted:

@@ -30,7 +30,9 @@ class Services:
     draining: bool = False
 
 
-def get_services(request: Request) -> Services:
+# Dependencies are coroutines on purpose: FastAPI runs plain functions in a thread pool,
+# a thread hop per dependency per request.
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -38,7 +40,7 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def ready_engine(services: ServicesDep) -> RewardEngine:
+async def ready_engine(services: ServicesDep) -> RewardEngine:
     """The engine, or 503 while the model loads. Draining does not refuse: a request that got
     in is served, and only ``/readyz`` tells balancers to stop sending."""
     engine = services.engine

@@ -1,9 +1,11 @@
 """Cross-request dynamic batching.
 
 PPO trainers send one sample per request as each rollout finishes. Every item of every request
-enters one queue, kept sorted by length; batches are windows of that order around the oldest
-waiting item, as large as the token budget allows counted with padding. The device runs one
-batch while the next one waits ready behind it, so the device never waits for the event loop.
+enters one queue, kept sorted by length. The device thread takes its next batch the moment it
+finishes the last one, with no trip through the event loop: a window of the sorted queue around
+the oldest waiting item, grown on the side that wastes less padding, as large as the token
+budget allows counted with padding. So the device never waits for the event loop, and every
+batch is formed from everything that arrived while the previous one ran.
 """
 
 from __future__ import annotations
@@ -11,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import itertools
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,8 +27,6 @@ from service.scoring.types import Encoded
 log = logging.getLogger("crs.batcher")
 
 Forward = Callable[[Sequence[Encoded]], list[float]]
-# One batch on the device plus one ready behind it.
-MAX_BATCHES_IN_FLIGHT = 2
 
 
 class Overloaded(RuntimeError):
@@ -49,7 +48,7 @@ class BatchFailed(RuntimeError):
 
 
 class BatchObserver(Protocol):
-    """Where the batcher reports what it does (the service's metrics)."""
+    """Where the batcher reports what it does (the service's metrics); called from any thread."""
 
     def queue_changed(self, items: int, tokens: int) -> None: ...
 
@@ -64,12 +63,12 @@ class BatchObserver(Protocol):
 
 @dataclass(eq=False, slots=True)
 class _Request:
-    """One caller's items: results fill in as their batches finish."""
+    """One caller's items; touched only on the event loop."""
 
     future: asyncio.Future[list[float]]
     rewards: list[float]
     remaining: int
-    enqueued_at: float
+    enqueued_at: float  # time.monotonic()
     closed: bool = False
 
 
@@ -80,6 +79,34 @@ class _Item:
     owner: _Request
     index: int
     queued: bool = True
+
+
+@dataclass(slots=True)
+class _Window:
+    """A candidate batch: the slice [low, high) of the sorted queue."""
+
+    low: int
+    high: int
+    real: int  # tokens of the items themselves
+    width: int  # the longest item, which every row is padded to
+    budget_full: bool = False
+
+    @property
+    def padded(self) -> int:
+        return (self.high - self.low) * self.width
+
+    @property
+    def efficiency(self) -> float:
+        return self.real / self.padded
+
+    def grown(self, item: _Item, *, below: bool) -> _Window:
+        length = item.encoded.length
+        return _Window(
+            self.low - 1 if below else self.low,
+            self.high if below else self.high + 1,
+            real=self.real + length,
+            width=max(self.width, length),
+        )
 
 
 @dataclass
@@ -98,35 +125,45 @@ class _Throughput:
 
 @dataclass
 class Batcher:
-    """One queue and one device worker shared by every request to a model."""
+    """One queue and one device thread shared by every request to a model.
+
+    The queue is shared between the event loop (which adds and withdraws items) and the device
+    thread (which takes batches), under one lock; requests and their futures belong to the loop.
+    """
 
     forward: Forward
-    executor: Executor
     max_batch_tokens: int
     max_queue_tokens: int
     batch_wait_s: float
     observer: BatchObserver
+    min_efficiency: float = 0.0
     _sorted: list[_Item] = field(default_factory=list)
     _arrivals: deque[_Item] = field(default_factory=deque)
     _queued_tokens: int = 0
-    _in_flight: int = 0
-    _numbers: itertools.count[int] = field(default_factory=itertools.count)
-    _wake: asyncio.Event = field(default_factory=asyncio.Event)
-    _task: asyncio.Task[None] | None = None
+    _arrival_number: int = 0
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+    _stopping: bool = False
+    _thread: threading.Thread | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
     _throughput: _Throughput = field(default_factory=_Throughput)
 
     def start(self) -> None:
-        """Start the scheduling task on the running event loop."""
-        self._task = asyncio.get_running_loop().create_task(self._schedule(), name="crs-batcher")
+        """Start the device thread; results come back to the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run_device, name="crs-device", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        """Stop scheduling and fail whatever still waits."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for item in list(self._sorted):
-            self._fail(item.owner, BatchFailed("the service is shutting down"), "shutdown")
+        """Stop taking batches and fail whatever still waits."""
+        with self._changed:
+            self._stopping = True
+            waiting = {item.owner for item in self._sorted}
+            self._changed.notify_all()
+        for owner in waiting:
+            self._fail(owner, BatchFailed("the service is shutting down"), "shutdown")
+        if self._thread is not None:
+            # A forward in progress finishes on its own; do not hold the loop for it.
+            await asyncio.to_thread(self._thread.join, 30)
 
     @property
     def queued_tokens(self) -> int:
@@ -136,16 +173,17 @@ class Batcher:
         """Rewards of ``encoded`` in order, scored in batches shared with other requests."""
         if not encoded:
             return []
+        if self._stopping:
+            raise BatchFailed("the service is shutting down")
         tokens = sum(item.length for item in encoded)
         # An empty queue admits anything, so a single large request can never be locked out.
         if self._queued_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
             raise Overloaded(self._queued_tokens, self._retry_after_s())
-        loop = asyncio.get_running_loop()
         request = _Request(
-            future=loop.create_future(),
+            future=asyncio.get_running_loop().create_future(),
             rewards=[math.nan] * len(encoded),
             remaining=len(encoded),
-            enqueued_at=loop.time(),
+            enqueued_at=time.monotonic(),
         )
         self._enqueue(request, encoded)
         try:
@@ -160,103 +198,135 @@ class Batcher:
             self._drop(request, "cancelled")
             raise
 
+    # --- the event loop's side -------------------------------------------------------------
+
     def _enqueue(self, request: _Request, encoded: Sequence[Encoded]) -> None:
-        for index, item in enumerate(encoded):
-            queued = _Item((item.length, next(self._numbers)), item, request, index)
-            bisect.insort(self._sorted, queued, key=lambda it: it.key)
-            self._arrivals.append(queued)
-            self._queued_tokens += item.length
-        self._queue_changed()
-        self._wake.set()
+        with self._changed:
+            for index, item in enumerate(encoded):
+                self._arrival_number += 1
+                queued = _Item((item.length, self._arrival_number), item, request, index)
+                bisect.insort(self._sorted, queued, key=_key)
+                self._arrivals.append(queued)
+                self._queued_tokens += item.length
+            self._queue_changed()
+            self._changed.notify()
 
     def _drop(self, request: _Request, reason: str) -> None:
         """Close a request and take its waiting items out of the queue."""
         if request.closed:
             return
         request.closed = True
-        dropped = [item for item in self._sorted if item.owner is request]
-        for item in dropped:
-            self._unqueue(item)
+        with self._changed:
+            dropped = [item for item in self._sorted if item.owner is request]
+            for item in dropped:
+                self._unqueue(item)
+            if dropped:
+                self._queue_changed()
         if dropped:
             self.observer.items_dropped(reason, len(dropped))
-            self._queue_changed()
-        self._wake.set()
 
-    def _unqueue(self, item: _Item) -> None:
-        position = bisect.bisect_left(self._sorted, item.key, key=lambda it: it.key)
-        del self._sorted[position]
-        item.queued = False
-        self._queued_tokens -= item.encoded.length
+    def _finish(
+        self, batch: list[_Item], rewards: list[float] | None, error: BaseException | None
+    ) -> None:
+        """Back on the loop: hand each reward to its request, or fail the batch's requests."""
+        if error is not None or rewards is None:
+            failure = BatchFailed(f"scoring failed: {type(error).__name__}: {error}")
+            for owner in {item.owner for item in batch}:
+                self._fail(owner, failure, "batch_failed")
+            return
+        for item, reward in zip(batch, rewards, strict=True):
+            owner = item.owner
+            if owner.closed:
+                continue  # timed out, cancelled or failed meanwhile: nobody waits for it
+            owner.rewards[item.index] = reward
+            owner.remaining -= 1
+            if owner.remaining == 0:
+                owner.closed = True
+                owner.future.set_result(owner.rewards)
 
-    async def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _fail(self, owner: _Request, error: Exception, reason: str) -> None:
+        if owner.closed:
+            return
+        self._drop(owner, reason)
+        owner.future.set_exception(error)
+
+    # --- the device thread's side ----------------------------------------------------------
+
+    def _run_device(self) -> None:
         while True:
-            self._wake.clear()
-            delay = self._dispatch_ready(loop.time())
-            if delay == 0.0:
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            batch = self._next_batch()
+            if batch is None:
+                return
+            started = time.perf_counter()
+            try:
+                rewards: list[float] | None = self.forward([item.encoded for item in batch])
+                error: BaseException | None = None
+            except Exception as exc:
+                log.error("a batch of %d items failed: %s", len(batch), exc, exc_info=exc)
+                rewards, error = None, exc
+            seconds = time.perf_counter() - started
+            if rewards is not None:
+                self._record(batch, seconds)
+            self._to_loop(self._finish, batch, rewards, error)
 
-    def _dispatch_ready(self, now: float) -> float | None:
-        """Send a batch to the device if one should go now: 0.0 after sending one, else how
-        long to wait for more (None: until something happens)."""
-        if not self._sorted or self._in_flight >= MAX_BATCHES_IN_FLIGHT:
+    def _next_batch(self) -> list[_Item] | None:
+        """Block until a batch should run (None once stopping), and take it off the queue."""
+        with self._changed:
+            while not self._stopping:
+                wait = self._take_or_wait(time.monotonic())
+                if isinstance(wait, list):
+                    return wait
+                self._changed.wait(wait)
+        return None
+
+    def _take_or_wait(self, now: float) -> list[_Item] | float | None:
+        """A batch to run now, or how long to wait for more items (None: until notified)."""
+        if not self._sorted:
             return None
         oldest = self._oldest()
-        low, high, full = self._window(oldest)
-        if not full:
-            if self._in_flight:
-                return None  # more items arrive while the device works: wait for them
+        window = self._window(oldest)
+        whole_queue = window.low == 0 and window.high == len(self._sorted)
+        if whole_queue and not window.budget_full:
+            # A small batch waits a moment for company, from its oldest item's arrival.
             waited = now - oldest.owner.enqueued_at
             if waited < self.batch_wait_s:
                 return self.batch_wait_s - waited
-        self._dispatch(self._sorted[low:high], now)
-        return 0.0
+        batch = self._sorted[window.low : window.high]
+        for item in batch:
+            self._unqueue(item)
+        self._queue_changed()
+        self.observer.items_waited([now - item.owner.enqueued_at for item in batch])
+        return batch
 
     def _oldest(self) -> _Item:
         while not self._arrivals[0].queued:
             self._arrivals.popleft()
         return self._arrivals[0]
 
-    def _window(self, anchor: _Item) -> tuple[int, int, bool]:
-        """The slice of the sorted queue around ``anchor`` that fits the budget with padding,
-        and whether the budget (not the queue) ended it."""
-        items, budget = self._sorted, self.max_batch_tokens
-        low = bisect.bisect_left(items, anchor.key, key=lambda it: it.key)
-        high = low + 1
-        width = anchor.encoded.length
-        # Shorter neighbours first: they fill the batch without widening it.
-        while low > 0 and (high - low + 1) * width <= budget:
-            low -= 1
-        while high < len(items) and (high - low + 1) * items[high].encoded.length <= budget:
-            high += 1
-        full = low > 0 or high < len(items)
-        return low, high, full
+    def _window(self, anchor: _Item) -> _Window:
+        """The slice of the sorted queue around ``anchor`` that fits the budget counted with
+        padding, grown one neighbour at a time on the side that wastes less padding, and never
+        below ``min_efficiency`` real tokens per computed token."""
+        items = self._sorted
+        low = bisect.bisect_left(items, anchor.key, key=_key)
+        window = _Window(low, low + 1, real=anchor.encoded.length, width=anchor.encoded.length)
+        while True:
+            options = []
+            if window.low > 0:
+                options.append(window.grown(items[window.low - 1], below=True))
+            if window.high < len(items):
+                options.append(window.grown(items[window.high], below=False))
+            if not options:
+                return window
+            best = max(options, key=lambda w: w.efficiency)
+            if best.padded > self.max_batch_tokens:
+                window.budget_full = True
+                return window
+            if best.efficiency < self.min_efficiency:
+                return window
+            window = best
 
-    def _dispatch(self, batch: list[_Item], now: float) -> None:
-        for item in batch:
-            self._unqueue(item)
-        self._queue_changed()
-        self.observer.items_waited([now - item.owner.enqueued_at for item in batch])
-        self._in_flight += 1
-        encoded = [item.encoded for item in batch]
-        future = asyncio.get_running_loop().run_in_executor(
-            self.executor, _timed, self.forward, encoded
-        )
-        future.add_done_callback(lambda done: self._finish(batch, done))
-
-    def _finish(self, batch: list[_Item], done: asyncio.Future[tuple[list[float], float]]) -> None:
-        self._in_flight -= 1
-        self._wake.set()
-        error = done.exception() if not done.cancelled() else asyncio.CancelledError()
-        if error is not None:
-            log.error("a batch of %d items failed: %s", len(batch), error, exc_info=error)
-            failure = BatchFailed(f"scoring failed: {type(error).__name__}: {error}")
-            for owner in {item.owner for item in batch}:
-                self._fail(owner, failure, "batch_failed")
-            return
-        rewards, seconds = done.result()
+    def _record(self, batch: list[_Item], seconds: float) -> None:
         lengths = [item.encoded.length for item in batch]
         self._throughput.record(sum(lengths), seconds)
         self.observer.batch_done(
@@ -265,24 +335,20 @@ class Batcher:
             padded_tokens=len(batch) * max(lengths),
             forward_s=seconds,
         )
-        for item, reward in zip(batch, rewards, strict=True):
-            self._deliver(item, reward)
 
-    def _deliver(self, item: _Item, reward: float) -> None:
-        owner = item.owner
-        if owner.closed:
-            return  # timed out, cancelled or failed meanwhile: nobody waits for it
-        owner.rewards[item.index] = reward
-        owner.remaining -= 1
-        if owner.remaining == 0:
-            owner.closed = True
-            owner.future.set_result(owner.rewards)
+    def _to_loop(self, callback: Callable[..., None], *args: object) -> None:
+        assert self._loop is not None
+        # RuntimeError: the loop closed during shutdown, and nobody is left to tell.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(callback, *args)
 
-    def _fail(self, owner: _Request, error: Exception, reason: str) -> None:
-        if owner.closed:
-            return
-        self._drop(owner, reason)
-        owner.future.set_exception(error)
+    # --- shared, under the lock ------------------------------------------------------------
+
+    def _unqueue(self, item: _Item) -> None:
+        position = bisect.bisect_left(self._sorted, item.key, key=_key)
+        del self._sorted[position]
+        item.queued = False
+        self._queued_tokens -= item.encoded.length
 
     def _queue_changed(self) -> None:
         self.observer.queue_changed(len(self._sorted), self._queued_tokens)
@@ -293,8 +359,5 @@ class Batcher:
         return max(1, min(60, math.ceil(seconds)))
 
 
-def _timed(forward: Forward, batch: Sequence[Encoded]) -> tuple[list[float], float]:
-    """Run on the device thread: the forward and its duration."""
-    started = time.perf_counter()
-    rewards = forward(batch)
-    return rewards, time.perf_counter() - started
+def _key(item: _Item) -> tuple[int, int]:
+    return item.key

@@ -70,8 +70,8 @@ class HFRewardEngine:
         self._load_error: str | None = None
         # Fast tokenizers release the GIL: tokenising runs beside the loop and the device.
         self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="crs-tokenize")
-        # One thread owns the device: forwards never race each other for it.
-        self._device_pool = ThreadPoolExecutor(1, thread_name_prefix="crs-device")
+        # Loading and warm-up run here; from then on the batcher's thread owns the device.
+        self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="crs-load")
 
     @property
     def state(self) -> EngineState:
@@ -89,11 +89,11 @@ class HFRewardEngine:
         loop = asyncio.get_running_loop()
         try:
             model = await loop.run_in_executor(
-                self._device_pool, load_reward_model, self._model_path, self._settings
+                self._load_pool, load_reward_model, self._model_path, self._settings
             )
             # The first forward pays for lazy initialisation; do it before saying ready.
             warm_up = model.formatter.encode([WARM_UP_ITEM], "left")
-            rewards = await loop.run_in_executor(self._device_pool, model.forward, warm_up)
+            rewards = await loop.run_in_executor(self._load_pool, model.forward, warm_up)
             if not all(map(math.isfinite, rewards)):
                 raise ModelLoadError(f"the warm-up batch gave a non-finite reward: {rewards}")
         except Exception as exc:
@@ -103,10 +103,10 @@ class HFRewardEngine:
         self._model = model
         self._batcher = Batcher(
             forward=model.forward,
-            executor=self._device_pool,
             max_batch_tokens=self._settings.max_batch_tokens,
             max_queue_tokens=self._settings.max_queue_tokens,
             batch_wait_s=self._settings.batch_wait_ms / 1000,
+            min_efficiency=self._settings.min_batch_efficiency,
             observer=self._observer,
         )
         self._batcher.start()
@@ -126,7 +126,7 @@ class HFRewardEngine:
             await self._batcher.stop()
         self._model = None
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
-        self._device_pool.shutdown(wait=False, cancel_futures=True)
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
 
     async def score(self, items: Sequence[RewardInput], *, truncation: Truncation) -> list[Score]:
         model, batcher = self._model, self._batcher

@@ -7,7 +7,6 @@ import asyncio
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import pytest
@@ -74,21 +73,19 @@ async def running(
     model: Model, *, budget: int = 1000, queue: int = 100_000, wait_s: float = 0.002
 ) -> AsyncIterator[tuple[Batcher, Observer]]:
     observer = Observer()
-    with ThreadPoolExecutor(1) as executor:
-        batcher = Batcher(
-            forward=model.forward,
-            executor=executor,
-            max_batch_tokens=budget,
-            max_queue_tokens=queue,
-            batch_wait_s=wait_s,
-            observer=observer,
-        )
-        batcher.start()
-        try:
-            yield batcher, observer
-        finally:
-            model.gate.set()
-            await batcher.stop()
+    batcher = Batcher(
+        forward=model.forward,
+        max_batch_tokens=budget,
+        max_queue_tokens=queue,
+        batch_wait_s=wait_s,
+        observer=observer,
+    )
+    batcher.start()
+    try:
+        yield batcher, observer
+    finally:
+        model.gate.set()
+        await batcher.stop()
 
 
 async def hold_device(batcher: Batcher, model: Model) -> asyncio.Task[list[float]]:
@@ -234,10 +231,13 @@ def test_stop_fails_what_still_waits() -> None:
             held = await hold_device(batcher, model)
             waiting = asyncio.ensure_future(batcher.submit([encoded(5)], 10))
             await asyncio.sleep(0.01)
-            await batcher.stop()
+            stopping = asyncio.ensure_future(batcher.stop())
             with pytest.raises(BatchFailed, match="shutting down"):
                 await waiting
-            model.gate.set()
-            await held
+            model.gate.set()  # the batch already on the device finishes
+            await stopping
+            assert await held == [7004.0]
+            with pytest.raises(BatchFailed, match="shutting down"):
+                await batcher.submit([encoded(5)], 10)
 
     asyncio.run(body())

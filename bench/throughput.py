@@ -1,0 +1,613 @@
+"""Throughput of crs against the model alone and against a per-request server.
+
+Three modes, on the same items in one invocation:
+
+- ``bare``: the model in this process, length-sorted token-budget batches, no HTTP: the ceiling.
+- ``service``: a real ``crs-service serve`` process driven over HTTP by C concurrent clients,
+  with single-item requests and with ``--batch-items`` requests.
+- ``per-request``: ``bench/per_request_server.py``, the same model served the way OpenRLHF's
+  ``serve_rm.py`` serves it (one forward per request, on the event loop), with single-item
+  requests: the comparison point.
+
+It prints the path of a JSON report and one summary line; it never asserts anything about time.
+Run ``python bench/throughput.py --help`` for the options, and see ``bench/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cpu_usage
+import httpx
+from cpu_usage import CpuUse
+from http_client import LoadResult, Response, post_bytes, post_once, run_closed_loop
+from workload import PROMPT_TOKENS, RESPONSE_TOKENS, make_items
+
+from trainer_client.launch import ServiceProcess
+
+log = logging.getLogger("bench.throughput")
+
+MODES = ("bare", "service", "per-request")
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-1b": {
+        "hidden_size": 2048,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 8192,
+    },
+    "llama-8b": {
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 14336,
+    },
+}
+# Llama-2's vocabulary size; the tiny tokenizer's ids (< 1024) are a subset of it.
+SHAPED_VOCAB = 32000
+DEFAULT_ITEMS = {"cpu": 512, "cuda": 1024}
+BENCH_DIR = Path(__file__).resolve().parent
+HOST = "127.0.0.1"
+REWARDS_PATH = "/v1/rewards"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Run:
+    """One measured pass of one mode."""
+
+    mode: str
+    request_items: int | None
+    concurrency: int | None
+    items: int
+    tokens: int
+    seconds: float
+    requests: int
+    failures: int
+    latencies_s: Sequence[float] = ()
+    errors: Sequence[str] = ()
+    cpu: CpuUse | None = None
+
+    @property
+    def label(self) -> str:
+        if self.mode == "bare":
+            return "bare"
+        return f"{self.mode}/{self.request_items}-item c={self.concurrency}"
+
+    @property
+    def items_per_s(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def valid(self) -> bool:
+        return self.failures == 0
+
+    def to_json(self, bare: Run | None, per_request: Run | None) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "mode": self.mode,
+            "request_items": self.request_items,
+            "concurrency": self.concurrency,
+            "items": self.items,
+            "tokens": self.tokens,
+            "requests": self.requests,
+            "seconds": round(self.seconds, 4),
+            "items_per_s": round(self.items_per_s, 2),
+            "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds > 0 else 0.0,
+            "p50_ms": percentile_ms(self.latencies_s, 50),
+            "p99_ms": percentile_ms(self.latencies_s, 99),
+            "ratio_to_bare": ratio(self, bare),
+            "ratio_to_per_request": ratio(self, per_request),
+            "client_cpu_s": rounded(self.cpu.client_s if self.cpu else None),
+            "server_cpu_s": rounded(self.cpu.server_s if self.cpu else None),
+            "other_cpu_s": rounded(self.cpu.other_s if self.cpu else None),
+            "failures": self.failures,
+            "errors": list(self.errors),
+            "valid": self.valid,
+        }
+
+
+def ratio(run: Run, reference: Run | None) -> float | None:
+    if reference is None or reference is run or reference.items_per_s == 0:
+        return None
+    return round(run.items_per_s / reference.items_per_s, 3)
+
+
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def percentile_ms(latencies_s: Sequence[float], q: float) -> float | None:
+    """The q-th percentile in milliseconds, interpolated between the nearest ranks."""
+    if not latencies_s:
+        return None
+    ordered = sorted(latencies_s)
+    rank = q / 100 * (len(ordered) - 1)
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    value = ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    return round(value * 1000, 2)
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/throughput.py",
+        description="Items/s of crs-service against the bare model and a per-request server.",
+    )
+    parser.add_argument(
+        "--model", type=Path, help="reward model directory (default: build one of --shape)"
+    )
+    parser.add_argument(
+        "--shape",
+        choices=["tiny", *SHAPES],
+        default="tiny",
+        help="random-weight model to build when --model is absent (default tiny llama)",
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--items", type=int, help="items to score (default 512 cpu, 1024 cuda)")
+    parser.add_argument("--seed", type=int, default=0, help="workload and weights seed")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[32], help="concurrent clients (list)"
+    )
+    parser.add_argument("--batch-items", type=int, default=64, help="items per batched request")
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=16384, help="token budget, bare and service"
+    )
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help="comma list of bare, service, per-request"
+    )
+    parser.add_argument("--warmup", type=int, default=64, help="warm-up items before each pass")
+    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/...)")
+    parser.add_argument("--plot", action="store_true", help="also a PNG (needs matplotlib)")
+    parser.add_argument("--ready-timeout", type=float, default=900.0, help="server start, s")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="per request, s")
+    args = parser.parse_args(argv)
+    args.modes = parse_modes(parser, args.modes)
+    if args.items is None:
+        args.items = DEFAULT_ITEMS[args.device]
+    for name in ("items", "batch_items", "max_batch_tokens"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if min(args.concurrency) <= 0 or args.warmup < 0:
+        parser.error("--concurrency must be positive and --warmup not negative")
+    if args.model is not None and args.shape != "tiny":
+        parser.error("--shape builds a model; it cannot be combined with --model")
+    return args
+
+
+def parse_modes(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    modes = [mode.strip() for mode in text.split(",") if mode.strip()]
+    if unknown := sorted(set(modes) - set(MODES)):
+        parser.error(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+    # Always in this order: bare first, so later modes have their ratio, and its model is
+    # freed before any server loads its own.
+    return [mode for mode in MODES if mode in modes]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the chosen modes, write the JSON report and print its path and a summary line."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    machine = machine_info(args.device)
+    warn_if_busy(machine)
+    out: Path = args.out or BENCH_DIR / "results" / f"throughput-{machine['name']}.json"
+    with tempfile.TemporaryDirectory(prefix="crs-bench-") as tmp:
+        model_dir = args.model or build_model(Path(tmp), args.shape, args.device, args.seed)
+        items = load_workload(model_dir, args.items, args.seed)
+        runs = run_modes(args, model_dir, items)
+    report = build_report(args, machine, runs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        write_plot(runs, out.with_suffix(".png"))
+    print(out)
+    print(report["summary"])
+    return 0
+
+
+def run_modes(args: argparse.Namespace, model_dir: Path, items: list[dict[str, str]]) -> list[Run]:
+    runs: list[Run] = []
+    if "bare" in args.modes:
+        runs.append(run_bare(model_dir, items, args))
+        free_memory()
+    if "service" in args.modes:
+        runs += run_service(model_dir, items, args)
+    if "per-request" in args.modes:
+        runs += run_per_request(model_dir, items, args)
+    return runs
+
+
+# --- machine and model ------------------------------------------------------------------------
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """What the numbers were measured on; ``name`` goes into the default file name."""
+    import torch
+    import transformers
+
+    cpus = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda, but CUDA is not available")
+        device_name = torch.cuda.get_device_name()
+        name = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+    else:
+        device_name = platform.processor() or platform.machine()
+        name = f"cpu-{cpus}core"
+    return {
+        "name": name,
+        "device": device,
+        "device_name": device_name,
+        "cpu_count": cpus,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def warn_if_busy(machine: dict[str, Any]) -> None:
+    """Note how busy the machine was before the start; other work skews every number."""
+    busy = cpu_usage.busy_cpus()
+    machine["busy_cpus_before"] = None if busy is None else round(busy, 2)
+    if busy is not None and busy > 0.25 * machine["cpu_count"]:
+        log.warning(
+            "%.2f of %d CPUs busy before the start: something else runs, numbers will be noisy",
+            busy,
+            machine["cpu_count"],
+        )
+
+
+def build_model(tmp: Path, shape: str, device: str, seed: int) -> Path:
+    """A random-weight reward model saved like any checkpoint, so every mode loads it alike."""
+    from service.scoring.tiny import build_tiny_model
+
+    log.info("building a random-weight %s reward model", shape)
+    tiny = build_tiny_model(tmp / "tiny-llama", "llama", seed=seed)
+    if shape == "tiny":
+        return tiny
+    return build_shaped_model(tmp / shape, shape, tiny, device, seed)
+
+
+def build_shaped_model(
+    out_dir: Path, shape: str, tokenizer_dir: Path, device: str, seed: int
+) -> Path:
+    """A Llama of ``shape`` with random bf16 weights and the tiny llama's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=SHAPED_VOCAB,
+        **SHAPES[shape],
+        max_position_embeddings=4096,
+        id2label={0: "reward"},
+        label2id={"reward": 0},
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    previous = torch.get_default_dtype()
+    torch.manual_seed(seed)
+    # Made in bf16 on the target device: an 8B model in fp32 on the CPU would take minutes.
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForSequenceClassification(config)  # type: ignore[no-untyped-call]
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    del model
+    free_memory()
+    return out_dir
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load_workload(model_dir: Path, count: int, seed: int) -> list[dict[str, str]]:
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    items = make_items(AutoTokenizer.from_pretrained(model_dir), count, seed=seed)
+    log.info("workload: %d items in %.1f s", len(items), time.perf_counter() - started)
+    return items
+
+
+# --- bare -------------------------------------------------------------------------------------
+
+
+def run_bare(model_dir: Path, items: list[dict[str, str]], args: argparse.Namespace) -> Run:
+    """The model in this process: tokenize everything, plan token-budget batches, forward them."""
+    from service.scoring.model import load_reward_model
+    from service.settings import Settings
+
+    settings = Settings(device=args.device, max_batch_tokens=args.max_batch_tokens)
+    model = load_reward_model(model_dir, settings)
+    if args.warmup:
+        score_in_process(model, items[: args.warmup], args.max_batch_tokens)
+    before = cpu_usage.sample()
+    started = time.perf_counter()
+    tokens, non_finite = score_in_process(model, items, args.max_batch_tokens)
+    seconds = time.perf_counter() - started
+    cpu = cpu_usage.used(before, cpu_usage.sample())
+    run = Run(
+        mode="bare",
+        request_items=None,
+        concurrency=None,
+        items=len(items) - non_finite,
+        tokens=tokens,
+        seconds=seconds,
+        requests=0,
+        failures=non_finite,
+        errors=[f"{non_finite} non-finite rewards"] if non_finite else [],
+        cpu=cpu,
+    )
+    log.info("%s: %.1f items/s", run.label, run.items_per_s)
+    return run
+
+
+def score_in_process(model: Any, items: list[dict[str, str]], budget: int) -> tuple[int, int]:
+    """Real tokens scored and the number of non-finite rewards."""
+    from service.scoring.model import plan_batches
+    from service.scoring.types import RewardInput
+
+    inputs = [RewardInput(prompt=item["prompt"], response=item["response"]) for item in items]
+    encoded = model.formatter.encode(inputs, "none")
+    non_finite = 0
+    for batch in plan_batches([item.length for item in encoded], budget):
+        rewards = model.forward([encoded[i] for i in batch])
+        non_finite += sum(not math.isfinite(reward) for reward in rewards)
+    return sum(item.length for item in encoded), non_finite
+
+
+# --- servers over HTTP ------------------------------------------------------------------------
+
+
+class PerRequestProcess(ServiceProcess):
+    """``bench/per_request_server.py`` in a session of its own, stopped with its group."""
+
+    def start(self) -> PerRequestProcess:
+        command = [sys.executable, str(BENCH_DIR / "per_request_server.py")]
+        command += ["--model", str(self.model), "--port", str(self.port), *self.args]
+        with self.log_path.open("wb") as log_file:
+            self.process = subprocess.Popen(
+                command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        return self
+
+
+def run_service(
+    model_dir: Path, items: list[dict[str, str]], args: argparse.Namespace
+) -> list[Run]:
+    """``crs-service serve`` with single-item and batched requests at each concurrency."""
+    flags = ["--max-batch-tokens", str(args.max_batch_tokens), "--device", args.device]
+    runs: list[Run] = []
+    with ServiceProcess(model_dir, args=[*flags, "--log-level", "warning"]) as server:
+        server.wait_ready(args.ready_timeout)
+        self_check(server.port, items[0])
+        for concurrency in args.concurrency:
+            for request_items in (1, args.batch_items):
+                runs.append(
+                    measure_http("service", server, items, request_items, concurrency, args)
+                )
+    return runs
+
+
+def run_per_request(
+    model_dir: Path, items: list[dict[str, str]], args: argparse.Namespace
+) -> list[Run]:
+    """The serve_rm.py-style server with single-item requests at each concurrency."""
+    runs: list[Run] = []
+    with PerRequestProcess(model_dir, args=["--device", args.device]) as server:
+        server.wait_ready(args.ready_timeout)
+        self_check(server.port, items[0])
+        for concurrency in args.concurrency:
+            runs.append(measure_http("per-request", server, items, 1, concurrency, args))
+    return runs
+
+
+def measure_http(
+    mode: str,
+    server: ServiceProcess,
+    items: list[dict[str, str]],
+    request_items: int,
+    concurrency: int,
+    args: argparse.Namespace,
+) -> Run:
+    """A warm-up pass on the first items, then one timed closed-loop pass over all of them."""
+    if args.warmup:
+        warm_requests, warm_expected = http_requests(
+            server.port, items[: args.warmup], request_items
+        )
+        warm_up = send(server.port, warm_requests, warm_expected, concurrency, args)
+        if warm_up.failures:
+            log.warning("%s warm-up failures: %s", mode, warm_up.errors)
+    pid = server.process.pid if server.process else None
+    requests, expected = http_requests(server.port, items, request_items)
+    before = cpu_usage.sample(pid)
+    result = send(server.port, requests, expected, concurrency, args)
+    cpu = cpu_usage.used(before, cpu_usage.sample(pid))
+    run = Run(
+        mode=mode,
+        request_items=request_items,
+        concurrency=concurrency,
+        items=result.items,
+        tokens=result.tokens,
+        seconds=result.seconds,
+        requests=result.requests,
+        failures=result.failures,
+        latencies_s=result.latencies_s,
+        errors=result.errors,
+        cpu=cpu,
+    )
+    log.info("%s: %.1f items/s, %d failures", run.label, run.items_per_s, run.failures)
+    if run.failures:
+        log.warning("server log tail:\n%s", server.log_tail(20))
+    return run
+
+
+def http_requests(
+    port: int, items: list[dict[str, str]], request_items: int
+) -> tuple[list[bytes], list[int]]:
+    """The items as serialised requests of ``request_items`` each, and each one's item count."""
+    chunks = [items[i : i + request_items] for i in range(0, len(items), request_items)]
+    requests = [post_bytes(HOST, port, REWARDS_PATH, rewards_body(chunk)) for chunk in chunks]
+    return requests, [len(chunk) for chunk in chunks]
+
+
+def send(
+    port: int,
+    requests: list[bytes],
+    expected: list[int],
+    concurrency: int,
+    args: argparse.Namespace,
+) -> LoadResult:
+    """Every request once, from ``concurrency`` closed-loop clients."""
+    return asyncio.run(
+        run_closed_loop(
+            HOST,
+            port,
+            requests,
+            expected,
+            concurrency=concurrency,
+            timeout_s=args.request_timeout,
+        )
+    )
+
+
+def rewards_body(items: list[dict[str, str]]) -> dict[str, Any]:
+    # Raw rewards only: baselines are another cost, measured elsewhere.
+    return {"items": items, "contrastive": None}
+
+
+def self_check(port: int, item: dict[str, str]) -> None:
+    """The minimal client must read the same answer as httpx does, or nothing it times counts."""
+    body = rewards_body([item])
+    ours = asyncio.run(post_once(HOST, port, post_bytes(HOST, port, REWARDS_PATH, body)))
+    theirs = httpx.post(f"http://{HOST}:{port}{REWARDS_PATH}", json=body, timeout=120.0)
+    if not same_answer(ours, theirs):
+        raise RuntimeError(
+            f"http_client and httpx disagree: {ours.status} {ours.body[:300]!r} "
+            f"vs {theirs.status_code} {theirs.content[:300]!r}"
+        )
+
+
+def same_answer(ours: Response, theirs: httpx.Response) -> bool:
+    if ours.status != 200 or theirs.status_code != 200:
+        return False
+    a, b = ours.json()["results"], theirs.json()["results"]
+    return len(a) == len(b) and all(
+        x["tokens"] == y["tokens"]
+        and math.isclose(x["reward"], y["reward"], rel_tol=1e-3, abs_tol=1e-3)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def build_report(
+    args: argparse.Namespace, machine: dict[str, Any], runs: list[Run]
+) -> dict[str, Any]:
+    bare = next((run for run in runs if run.mode == "bare"), None)
+    per_request = {run.concurrency: run for run in runs if run.mode == "per-request"}
+    return {
+        "benchmark": "throughput",
+        "machine": machine,
+        "args": {
+            "model": args.model.name if args.model else None,
+            "shape": None if args.model else args.shape,
+            "device": args.device,
+            "items": args.items,
+            "seed": args.seed,
+            "concurrency": args.concurrency,
+            "batch_items": args.batch_items,
+            "max_batch_tokens": args.max_batch_tokens,
+            "modes": args.modes,
+            "warmup": args.warmup,
+        },
+        "workload": {
+            "items": args.items,
+            "prompt_tokens": list(PROMPT_TOKENS),
+            "response_tokens": list(RESPONSE_TOKENS),
+        },
+        "runs": [
+            run.to_json(bare, per_request.get(run.concurrency) if run.mode == "service" else None)
+            for run in runs
+        ],
+        "valid": all(run.valid for run in runs),
+        "summary": summary_line(runs, bare),
+    }
+
+
+def summary_line(runs: list[Run], bare: Run | None) -> str:
+    """``bare: 160.2 items/s; service/1-item c=32: 0.87x bare (140.1 items/s); ...``"""
+    parts: list[str] = []
+    for run in runs:
+        if run is bare:
+            text = f"bare: {run.items_per_s:.1f} items/s"
+        elif bare is not None and bare.items_per_s > 0:
+            text = f"{run.label}: {run.items_per_s / bare.items_per_s:.2f}x bare"
+            text += f" ({run.items_per_s:.1f} items/s)"
+        else:
+            text = f"{run.label}: {run.items_per_s:.1f} items/s"
+        if not run.valid:
+            text += f" INVALID ({run.failures} failures)"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def write_plot(runs: list[Run], path: Path) -> None:
+    """A bar chart of items/s per run, when matplotlib is installed (skipped silently if not)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.2 * len(runs)), 4.0))
+    axes.bar([run.label for run in runs], [run.items_per_s for run in runs])
+    axes.set_ylabel("items/s")
+    axes.tick_params(axis="x", labelrotation=30)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
