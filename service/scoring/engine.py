@@ -28,6 +28,8 @@ from service.settings import Settings, Truncation
 log = logging.getLogger("crs.engine")
 
 EngineState = Literal["loading", "ready", "failed", "stopped"]
+# The first forward may compile kernels or initialise CUDA: not bound by the request limit.
+WARM_UP_TIMEOUT_S = 600.0
 WARM_UP_ITEM = RewardInput(prompt="How are you?", response="Fine, thank you.")
 
 
@@ -91,25 +93,22 @@ class HFRewardEngine:
             model = await loop.run_in_executor(
                 self._load_pool, load_reward_model, self._model_path, self._settings
             )
-            # The first forward pays for lazy initialisation; do it before saying ready.
+            batcher = self._new_batcher(model)
+            batcher.start()
+            self._model, self._batcher = model, batcher
+            # The first forward pays for lazy initialisation on the device thread; do it
+            # through the real path before saying ready.
             warm_up = model.formatter.encode([WARM_UP_ITEM], "left")
-            rewards = await loop.run_in_executor(self._load_pool, model.forward, warm_up)
+            rewards = await batcher.submit(warm_up, WARM_UP_TIMEOUT_S)
             if not all(map(math.isfinite, rewards)):
                 raise ModelLoadError(f"the warm-up batch gave a non-finite reward: {rewards}")
         except Exception as exc:
             self._state = "failed"
             self._load_error = str(exc)
+            if self._batcher is not None:
+                await self._batcher.stop()
+            self._model, self._batcher = None, None
             raise
-        self._model = model
-        self._batcher = Batcher(
-            forward=model.forward,
-            max_batch_tokens=self._settings.max_batch_tokens,
-            max_queue_tokens=self._settings.max_queue_tokens,
-            batch_wait_s=self._settings.batch_wait_ms / 1000,
-            min_efficiency=self._settings.min_batch_efficiency,
-            observer=self._observer,
-        )
-        self._batcher.start()
         self._state = "ready"
         log.info(
             "model %s ready on %s (%s, %s input, max %d tokens)",
@@ -118,6 +117,16 @@ class HFRewardEngine:
             model.info.dtype,
             model.info.input_format,
             model.info.max_input_tokens,
+        )
+
+    def _new_batcher(self, model: RewardModel) -> Batcher:
+        return Batcher(
+            forward=model.forward,
+            max_batch_tokens=self._settings.max_batch_tokens,
+            max_queue_tokens=self._settings.max_queue_tokens,
+            batch_wait_s=self._settings.batch_wait_ms / 1000,
+            min_efficiency=self._settings.min_batch_efficiency,
+            observer=self._observer,
         )
 
     async def astop(self) -> None:
