@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from fastapi import FastAPI
 
@@ -86,8 +85,3 @@ async def start_engine(services: Services, on_fatal: FatalHandler | None) -> Non
     info = services.engine.info
     if info is not None:
         services.metrics.model_info.labels(info.name, info.version).set(1)
-
-
-def settings_summary(settings: Settings) -> dict[str, Any]:
-    """Settings for the start-up log, secrets masked."""
-    return settings.model_dump(mode="json")

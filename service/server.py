@@ -8,7 +8,7 @@ from types import FrameType
 import uvicorn
 
 from service.api.deps import Services
-from service.app import create_app, settings_summary
+from service.app import create_app
 from service.settings import Settings
 
 log = logging.getLogger("crs.server")
@@ -49,7 +49,8 @@ def run_server(settings: Settings, *, access_log: bool = False) -> int:
     )
     servers.append(DrainingServer(config, app.state.services))
     log.info("serving %s on http://%s:%d", settings.model_path, settings.host, settings.port)
-    log.info("settings: %s", settings_summary(settings))
+    # SecretStr fields dump as "**********": tokens never reach the log.
+    log.info("settings: %s", settings.model_dump(mode="json"))
     servers[0].run()
     if failures:
         log.error("exiting: the model failed to load: %s", failures[0])

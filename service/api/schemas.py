@@ -84,13 +84,3 @@ class RewardResult(BaseModel):
 class RewardsResponse(BaseModel):
     model: ModelRef
     results: list[RewardResult]
-
-
-class ErrorBody(BaseModel):
-    type: str
-    message: str
-    details: object = None
-
-
-class ErrorEnvelope(BaseModel):
-    error: ErrorBody
