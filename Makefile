@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.crs-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint typecheck pytest demo clean
+.PHONY: setup test lint typecheck pytest demo clean redis-server
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,16 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-pytest: setup
+pytest: setup redis-server
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The tests start their own redis-server processes on free ports; install it when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+redis-server:
+	@command -v redis-server >/dev/null || { command -v apt-get >/dev/null && \
+		$(SUDO) apt-get install -y -q redis-server >/dev/null; } || { \
+		echo "the tests need redis-server: apt-get install redis-server / brew install redis"; \
+		exit 1; }
 
 test: lint typecheck pytest
 

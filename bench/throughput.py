@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -28,7 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,14 @@ from typing import Any
 import cpu_usage
 import httpx
 from cpu_usage import CpuUse
-from http_client import LoadResult, Response, post_bytes, post_once, run_closed_loop
+from http_client import (
+    MAX_ERRORS_KEPT,
+    LoadResult,
+    Response,
+    post_bytes,
+    post_once,
+    run_closed_loop,
+)
 from workload import PROMPT_TOKENS, RESPONSE_TOKENS, make_items
 
 from trainer_client.launch import ServiceProcess
@@ -83,6 +93,8 @@ class Run:
     latencies_s: Sequence[float] = ()
     errors: Sequence[str] = ()
     cpu: CpuUse | None = None
+    # items/s of every pass when the mode ran several (this run is the median one)
+    passes: Sequence[float] = ()
 
     @property
     def label(self) -> str:
@@ -109,10 +121,12 @@ class Run:
             "requests": self.requests,
             "seconds": round(self.seconds, 4),
             "items_per_s": round(self.items_per_s, 2),
+            "passes_items_per_s": [round(rate, 2) for rate in self.passes],
             "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds > 0 else 0.0,
             "p50_ms": percentile_ms(self.latencies_s, 50),
             "p99_ms": percentile_ms(self.latencies_s, 99),
             "ratio_to_bare": ratio(self, bare),
+            "pass_ratios_to_bare": pass_ratios(self, bare),
             "ratio_to_per_request": ratio(self, per_request),
             "client_cpu_s": rounded(self.cpu.client_s if self.cpu else None),
             "server_cpu_s": rounded(self.cpu.server_s if self.cpu else None),
@@ -123,10 +137,31 @@ class Run:
         }
 
 
+def median_pass(runs: Sequence[Run]) -> Run:
+    """The pass with the median items/s (the lower middle one of an even count), keeping
+    every pass's figure; a failure in any pass makes it invalid."""
+    ordered = sorted(runs, key=lambda run: run.items_per_s)
+    middle = ordered[(len(ordered) - 1) // 2]
+    return dataclasses.replace(
+        middle,
+        passes=[run.items_per_s for run in runs],
+        failures=sum(run.failures for run in runs),
+        errors=[error for run in runs for error in run.errors][:MAX_ERRORS_KEPT],
+    )
+
+
 def ratio(run: Run, reference: Run | None) -> float | None:
     if reference is None or reference is run or reference.items_per_s == 0:
         return None
     return round(run.items_per_s / reference.items_per_s, 3)
+
+
+def pass_ratios(run: Run, bare: Run | None) -> list[float]:
+    """Each pass's items/s over bare's pass of the same round (the two ran minutes apart at
+    most, so a drifting machine weighs on both)."""
+    if bare is None or run is bare or len(run.passes) != len(bare.passes):
+        return []
+    return [round(ours / theirs, 3) for ours, theirs in zip(run.passes, bare.passes, strict=True)]
 
 
 def rounded(value: float | None) -> float | None:
@@ -175,7 +210,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--modes", default=",".join(MODES), help="comma list of bare, service, per-request"
     )
-    parser.add_argument("--warmup", type=int, default=64, help="warm-up items before each pass")
+    parser.add_argument("--warmup", type=int, default=64, help="warm-up items per configuration")
+    parser.add_argument(
+        "--passes",
+        type=int,
+        default=1,
+        help="timed passes per mode, alternating between modes; medians are compared",
+    )
+    parser.add_argument(
+        "--device-workers",
+        type=int,
+        help="forward threads, bare and service alike (default: the service's own default)",
+    )
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/...)")
     parser.add_argument("--plot", action="store_true", help="also a PNG (needs matplotlib)")
     parser.add_argument("--ready-timeout", type=float, default=900.0, help="server start, s")
@@ -184,9 +230,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.modes = parse_modes(parser, args.modes)
     if args.items is None:
         args.items = DEFAULT_ITEMS[args.device]
-    for name in ("items", "batch_items", "max_batch_tokens"):
+    for name in ("items", "batch_items", "max_batch_tokens", "passes"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.device_workers is not None and args.device_workers <= 0:
+        parser.error("--device-workers must be positive")
     if min(args.concurrency) <= 0 or args.warmup < 0:
         parser.error("--concurrency must be positive and --warmup not negative")
     if args.model is not None and args.shape != "tiny":
@@ -226,15 +274,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_modes(args: argparse.Namespace, model_dir: Path, items: list[dict[str, str]]) -> list[Run]:
-    runs: list[Run] = []
-    if "bare" in args.modes:
-        runs.append(run_bare(model_dir, items, args))
-        free_memory()
-    if "service" in args.modes:
-        runs += run_service(model_dir, items, args)
-    if "per-request" in args.modes:
-        runs += run_per_request(model_dir, items, args)
-    return runs
+    """One pass: each mode in turn, the bare model freed before a server loads its own.
+
+    Several passes: every mode is set up at once and their passes alternate, so a machine whose
+    speed drifts over minutes slows every mode alike; each reported run is its median pass.
+    This holds a copy of the model per mode in memory at the same time."""
+    if args.passes == 1:
+        runs: list[Run] = []
+        for mode in args.modes:
+            with open_mode(mode, model_dir, items, args) as measure:
+                runs += measure()
+            free_memory()
+        return runs
+    with contextlib.ExitStack() as stack:
+        measures = [
+            stack.enter_context(open_mode(mode, model_dir, items, args)) for mode in args.modes
+        ]
+        passes = [[run for measure in measures for run in measure()] for _ in range(args.passes)]
+    medians = [median_pass(same) for same in zip(*passes, strict=True)]
+    for run in medians:
+        log.info("%s: median %.1f items/s of %s", run.label, run.items_per_s, run.passes)
+    return medians
+
+
+def open_mode(
+    mode: str, model_dir: Path, items: list[dict[str, str]], args: argparse.Namespace
+) -> contextlib.AbstractContextManager[Measure]:
+    if mode == "bare":
+        return bare_mode(model_dir, items, args)
+    server = (
+        service_process(model_dir, args)
+        if mode == "service"
+        else per_request_process(model_dir, args)
+    )
+    return server_mode(mode, server, items, args)
 
 
 # --- machine and model ------------------------------------------------------------------------
@@ -345,21 +418,40 @@ def load_workload(model_dir: Path, count: int, seed: int) -> list[dict[str, str]
 
 # --- bare -------------------------------------------------------------------------------------
 
+# One timed pass of a mode: a run per configuration it measures.
+Measure = Callable[[], list[Run]]
 
-def run_bare(model_dir: Path, items: list[dict[str, str]], args: argparse.Namespace) -> Run:
-    """The model in this process: tokenize everything, plan token-budget batches, forward them."""
+
+@contextlib.contextmanager
+def bare_mode(
+    model_dir: Path, items: list[dict[str, str]], args: argparse.Namespace
+) -> Iterator[Measure]:
+    """The model in this process: tokenize everything, plan token-budget batches and forward
+    them on as many device threads as the service uses, with the same share of cores each."""
     from service.scoring.model import load_reward_model
     from service.settings import Settings
 
-    settings = Settings(device=args.device, max_batch_tokens=args.max_batch_tokens)
+    settings = Settings(
+        device=args.device,
+        max_batch_tokens=args.max_batch_tokens,
+        device_workers=args.device_workers,
+    )
     model = load_reward_model(model_dir, settings)
-    if args.warmup:
-        score_in_process(model, items[: args.warmup], args.max_batch_tokens)
+    workers, threads = model.workers.workers, model.workers.threads_each
+    log.info("bare: %d device thread(s), %s intra-op threads each", workers, threads)
+    with ThreadPoolExecutor(workers, initializer=model.bind_worker_thread) as device:
+        if args.warmup:
+            score_in_process(model, items[: args.warmup], args.max_batch_tokens, device)
+        yield lambda: [bare_pass(model, items, args, device)]
+
+
+def bare_pass(
+    model: Any, items: list[dict[str, str]], args: argparse.Namespace, device: Executor
+) -> Run:
     before = cpu_usage.sample()
     started = time.perf_counter()
-    tokens, non_finite = score_in_process(model, items, args.max_batch_tokens)
+    tokens, non_finite = score_in_process(model, items, args.max_batch_tokens, device)
     seconds = time.perf_counter() - started
-    cpu = cpu_usage.used(before, cpu_usage.sample())
     run = Run(
         mode="bare",
         request_items=None,
@@ -370,23 +462,27 @@ def run_bare(model_dir: Path, items: list[dict[str, str]], args: argparse.Namesp
         requests=0,
         failures=non_finite,
         errors=[f"{non_finite} non-finite rewards"] if non_finite else [],
-        cpu=cpu,
+        cpu=cpu_usage.used(before, cpu_usage.sample()),
     )
     log.info("%s: %.1f items/s", run.label, run.items_per_s)
     return run
 
 
-def score_in_process(model: Any, items: list[dict[str, str]], budget: int) -> tuple[int, int]:
-    """Real tokens scored and the number of non-finite rewards."""
+def score_in_process(
+    model: Any, items: list[dict[str, str]], budget: int, device: Executor
+) -> tuple[int, int]:
+    """Real tokens scored and the number of non-finite rewards; each device thread takes the
+    next planned batch as soon as it is free, as the service's do."""
     from service.scoring.model import plan_batches
     from service.scoring.types import RewardInput
 
     inputs = [RewardInput(prompt=item["prompt"], response=item["response"]) for item in items]
     encoded = model.formatter.encode(inputs, "none")
-    non_finite = 0
-    for batch in plan_batches([item.length for item in encoded], budget):
-        rewards = model.forward([encoded[i] for i in batch])
-        non_finite += sum(not math.isfinite(reward) for reward in rewards)
+    batches = [
+        [encoded[i] for i in batch] for batch in plan_batches([e.length for e in encoded], budget)
+    ]
+    rewards = [reward for batch in device.map(model.forward, batches) for reward in batch]
+    non_finite = sum(not math.isfinite(reward) for reward in rewards)
     return sum(item.length for item in encoded), non_finite
 
 
@@ -410,54 +506,65 @@ class PerRequestProcess(ServiceProcess):
         return self
 
 
-def run_service(
-    model_dir: Path, items: list[dict[str, str]], args: argparse.Namespace
-) -> list[Run]:
-    """``crs-service serve`` with single-item and batched requests at each concurrency."""
+def service_process(model_dir: Path, args: argparse.Namespace) -> ServiceProcess:
+    """``crs-service serve``, measured with single-item and batched requests."""
     flags = ["--max-batch-tokens", str(args.max_batch_tokens), "--device", args.device]
-    runs: list[Run] = []
-    with ServiceProcess(model_dir, args=[*flags, "--log-level", "warning"]) as server:
+    if args.device_workers is not None:
+        flags += ["--device-workers", str(args.device_workers)]
+    return ServiceProcess(model_dir, args=[*flags, "--log-level", "warning"])
+
+
+def per_request_process(model_dir: Path, args: argparse.Namespace) -> ServiceProcess:
+    """The serve_rm.py-style server, measured with single-item requests."""
+    return PerRequestProcess(model_dir, args=["--device", args.device])
+
+
+@contextlib.contextmanager
+def server_mode(
+    mode: str, server: ServiceProcess, items: list[dict[str, str]], args: argparse.Namespace
+) -> Iterator[Measure]:
+    """A ready server, warmed up for every (items per request, concurrency) it is measured at."""
+    sizes = (1, args.batch_items) if mode == "service" else (1,)
+    shapes = [(size, concurrency) for concurrency in args.concurrency for size in sizes]
+    with server:
         server.wait_ready(args.ready_timeout)
         self_check(server.port, items[0])
-        for concurrency in args.concurrency:
-            for request_items in (1, args.batch_items):
-                runs.append(
-                    measure_http("service", server, items, request_items, concurrency, args)
-                )
-    return runs
+        for size, concurrency in shapes:
+            warm_up(mode, server, items[: args.warmup], (size, concurrency), args)
+        prepared = [(shape, http_requests(server.port, items, shape[0])) for shape in shapes]
+        yield lambda: [
+            http_pass(mode, server, requests, expected, shape, args)
+            for shape, (requests, expected) in prepared
+        ]
 
 
-def run_per_request(
-    model_dir: Path, items: list[dict[str, str]], args: argparse.Namespace
-) -> list[Run]:
-    """The serve_rm.py-style server with single-item requests at each concurrency."""
-    runs: list[Run] = []
-    with PerRequestProcess(model_dir, args=["--device", args.device]) as server:
-        server.wait_ready(args.ready_timeout)
-        self_check(server.port, items[0])
-        for concurrency in args.concurrency:
-            runs.append(measure_http("per-request", server, items, 1, concurrency, args))
-    return runs
-
-
-def measure_http(
+def warm_up(
     mode: str,
     server: ServiceProcess,
     items: list[dict[str, str]],
-    request_items: int,
-    concurrency: int,
+    shape: tuple[int, int],
+    args: argparse.Namespace,
+) -> None:
+    if not items:
+        return
+    requests, expected = http_requests(server.port, items, shape[0])
+    result = send(server.port, requests, expected, shape[1], args)
+    if result.failures:
+        log.warning("%s warm-up failures: %s", mode, result.errors)
+
+
+def http_pass(
+    mode: str,
+    server: ServiceProcess,
+    requests: list[bytes],
+    expected: list[int],
+    shape: tuple[int, int],
     args: argparse.Namespace,
 ) -> Run:
-    """A warm-up pass on the first items, then one timed closed-loop pass over all of them."""
-    if args.warmup:
-        warm_requests, warm_expected = http_requests(
-            server.port, items[: args.warmup], request_items
-        )
-        warm_up = send(server.port, warm_requests, warm_expected, concurrency, args)
-        if warm_up.failures:
-            log.warning("%s warm-up failures: %s", mode, warm_up.errors)
+    """One timed closed-loop pass: every request once, ``shape`` = (items per request,
+    concurrency)."""
+    request_items, concurrency = shape
     pid = server.process.pid if server.process else None
-    requests, expected = http_requests(server.port, items, request_items)
     before = cpu_usage.sample(pid)
     result = send(server.port, requests, expected, concurrency, args)
     cpu = cpu_usage.used(before, cpu_usage.sample(pid))
@@ -559,6 +666,8 @@ def build_report(
             "max_batch_tokens": args.max_batch_tokens,
             "modes": args.modes,
             "warmup": args.warmup,
+            "passes": args.passes,
+            "device_workers": args.device_workers,
         },
         "workload": {
             "items": args.items,

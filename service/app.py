@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 
 from service import __version__
-from service.api import health, rewards
+from service.api import baselines, health, rewards
 from service.api.deps import Services
 from service.api.errors import install_error_handlers
 from service.api.openapi import with_body_schemas
-from service.api.schemas import RewardsRequest
+from service.api.schemas import BaselinesPut, RewardsRequest
+from service.baselines.service import BaselineService, open_store
 from service.metrics import Metrics, MetricsMiddleware
 from service.scoring.engine import HFRewardEngine, RewardEngine
 from service.settings import Settings
@@ -46,28 +47,35 @@ def create_app(
     """
     metrics = Metrics()
     services = Services(
-        settings=settings, engine=engine_factory(settings, metrics), metrics=metrics
+        settings=settings,
+        engine=engine_factory(settings, metrics),
+        metrics=metrics,
+        baselines=BaselineService(open_store(settings, metrics), settings, metrics),
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(start_engine(services, on_fatal))
+        checking = asyncio.create_task(services.baselines.check())
         try:
             yield
         finally:
             services.draining = True
-            loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loading
+            for task in (loading, checking):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await services.engine.astop()
+            await services.baselines.store.aclose()
 
     app = FastAPI(title="crs: contrastive reward service", version=__version__, lifespan=lifespan)
     app.state.services = services
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(rewards.router)
+    app.include_router(baselines.router)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)
-    app.openapi = with_body_schemas(app, [RewardsRequest])  # type: ignore[method-assign]
+    app.openapi = with_body_schemas(app, [RewardsRequest, BaselinesPut])  # type: ignore[method-assign]
     return app
 
 

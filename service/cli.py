@@ -23,6 +23,8 @@ SERVE_FLAGS: dict[str, str] = {
     "label_index": "label_index",
     "max_input_tokens": "max_input_tokens",
     "max_batch_tokens": "max_batch_tokens",
+    "device_workers": "device_workers",
+    "redis_url": "redis_url",
     "truncation": "truncation",
     "trust_remote_code": "trust_remote_code",
     "allow_pickle_weights": "allow_pickle_weights",
@@ -53,7 +55,13 @@ def add_serve(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--label-index", type=int, help="reward logit when num_labels > 1")
     serve.add_argument("--max-input-tokens", type=int)
     serve.add_argument("--max-batch-tokens", type=int)
+    serve.add_argument(
+        "--device-workers", type=int, help="forward threads (default 1 on CUDA, 2 on a CPU)"
+    )
     serve.add_argument("--truncation", choices=["none", "left"])
+    serve.add_argument(
+        "--redis-url", help="baseline store, e.g. redis://host:6379/0 (default: in-process)"
+    )
     serve.add_argument("--trust-remote-code", action="store_true", default=None)
     serve.add_argument("--allow-pickle-weights", action="store_true", default=None)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

@@ -40,6 +40,36 @@ class Metrics:
             "crs_model_info", "the active model (value 1)", ["name", "version"], registry=r
         )
         self._batch_metrics(r)
+        self._baseline_metrics(r)
+
+    def _baseline_metrics(self, r: CollectorRegistry) -> None:
+        self.baseline_lookups = Counter(
+            "crs_baseline_lookups",
+            "items answered per baseline source (cache, computed, missing, unavailable)",
+            ["source"],
+            registry=r,
+        )
+        self.store_seconds = Histogram(
+            "crs_store_seconds",
+            "time of one baseline store operation",
+            ["op"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "crs_store_errors", "failed baseline store operations", ["op"], registry=r
+        )
+        self.store_skipped = Counter(
+            "crs_store_skipped",
+            "lookups answered 'unavailable' without trying, in the cool-down after a failure",
+            registry=r,
+        )
+
+    # The baseline store reports through this (service.baselines.redis_store.StoreObserver).
+    def store_op(self, op: str, seconds: float, failed: bool) -> None:
+        self.store_seconds.labels(op).observe(seconds)
+        if failed:
+            self.store_errors.labels(op).inc()
 
     def _batch_metrics(self, r: CollectorRegistry) -> None:
         self.queue_items = Gauge("crs_queue_items", "items waiting for a batch", registry=r)

@@ -45,11 +45,37 @@ class Settings(BaseSettings):
     min_batch_efficiency: float = Field(
         default=0.9, ge=0, le=1, description="least real/computed tokens a batch may have"
     )
+    device_workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="forward threads sharing the device; default 1 on CUDA, 2 on a CPU",
+    )
     max_queue_tokens: int = Field(
         default=1_048_576, gt=0, description="tokens waiting for a batch before 429"
     )
     request_timeout_s: float = Field(
         default=120.0, gt=0, description="a request not scored by then gets 504"
+    )
+
+    redis_url: str | None = Field(
+        default=None, description="baseline store; without it, in-process (one replica only)"
+    )
+    redis_connect_timeout_s: float = Field(default=0.25, gt=0)
+    redis_socket_timeout_s: float = Field(default=0.5, gt=0)
+    redis_max_connections: int = Field(default=32, ge=1)
+    redis_retries: int = Field(default=1, ge=0, le=10, description="retries of a failed call")
+    redis_health_check_s: float = Field(
+        default=15.0, ge=0, description="ping an idle connection before reuse after this long"
+    )
+    baseline_budget_s: float = Field(
+        default=1.0, gt=0, description="time a request may spend on the baseline store"
+    )
+    store_cooldown_s: float = Field(
+        default=1.0, ge=0, description="after a store failure, answer 'unavailable' this long"
+    )
+    baseline_std_floor: float = Field(
+        default=1e-3, gt=0, description="normalize=std never divides by less"
     )
 
     host: str = "127.0.0.1"

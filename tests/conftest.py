@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from trainer_client.launch import RedisProcess
 
 TESTS = Path(__file__).parent
 KINDS = ("unit", "integration", "e2e")
@@ -39,3 +42,10 @@ def minilm_rm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.models import minilm_reward_model
 
     return minilm_reward_model(tmp_path_factory.mktemp("models") / "minilm-rm")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """A redis-server of the test session's own, on a free port (never the machine's Redis)."""
+    with RedisProcess(tmp_path_factory.mktemp("redis")) as server:
+        yield server

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
 from pathlib import Path
+
+# Exit codes: 0 done, 1 the work failed (some prompts not stored), 2 the command was unusable
+# as given (missing file, bad URL, bad input line); argparse itself also exits 2.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -11,12 +18,135 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser("demo", help="serve a tiny reward model and score a few pairs")
     demo.add_argument("--workdir", type=Path, default=Path(".crs/demo"))
+    _add_sample_parser(commands)
+    _add_push_parser(commands)
     return parser
+
+
+def _add_sample_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sample = commands.add_parser(
+        "sample-baselines",
+        help="sample k responses per prompt from the SFT policy into a baseline JSONL file",
+        description="Sample k responses per prompt from a local causal LM. Resumable: prompts "
+        "already in --out are skipped.",
+    )
+    sample.add_argument("--policy", type=Path, required=True, help="local causal LM directory")
+    sample.add_argument(
+        "--prompts", type=Path, required=True, help='JSONL of {"prompt", "prompt_id"?}'
+    )
+    sample.add_argument("-k", type=int, default=8, help="responses per prompt (default 8)")
+    sample.add_argument("--out", type=Path, required=True, help="baseline JSONL (appended)")
+    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--top-p", type=float, default=1.0)
+    sample.add_argument("--max-new-tokens", type=int, default=256)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument(
+        "--batch-size", type=int, default=8, help="prompts per generate call (default 8)"
+    )
+    sample.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    sample.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_push_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    push = commands.add_parser(
+        "push-baselines",
+        help="upload a baseline JSONL file to the service (PUT /v1/baselines)",
+        description="Upload a baseline file in chunks, retrying 429/503/504 and connection "
+        "failures. Idempotent under --mode replace: after a failure, run it again.",
+    )
+    push.add_argument("file", type=Path, help="baseline JSONL written by sample-baselines")
+    push.add_argument("--url", required=True, help="service base URL, e.g. http://rm-0:8000")
+    push.add_argument(
+        "--token",
+        default=os.environ.get("CRS_API_TOKEN"),
+        help="bearer token (default: $CRS_API_TOKEN)",
+    )
+    push.add_argument("--chunk-prompts", type=int, default=64, help="prompts per request")
+    push.add_argument("--chunk-responses", type=int, default=1024, help="responses per request")
+    push.add_argument("--mode", choices=("replace", "append"), default="replace")
+    push.add_argument("--retries", type=int, default=8, help="retries per request (default 8)")
+    push.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    push.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `crs-trainer`."""
     args = build_parser().parse_args(argv)
+    # Warnings (retries, dropped responses) to stderr; the summary line goes to stdout.
+    logging.basicConfig(level=logging.WARNING, format="crs-trainer: %(message)s")
+    if args.command == "sample-baselines":
+        return run_sample(args)
+    if args.command == "push-baselines":
+        return run_push(args)
     from trainer_client.demo import run_demo
 
     return run_demo(args.workdir)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    """`crs-trainer sample-baselines`."""
+    # Imported here so that `crs-trainer --help` does not pay for the sampling stack.
+    from trainer_client.records import RecordError
+    from trainer_client.sampling import PolicyError, SamplingConfig, sample_baselines
+
+    for path, what in ((args.policy, "--policy"), (args.prompts, "--prompts")):
+        if not path.exists():
+            return _usage(f"{what} {path} does not exist")
+    try:
+        config = SamplingConfig(
+            k=args.k,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
+    except ValueError as error:
+        return _usage(str(error))
+    try:
+        summary = sample_baselines(args.policy, args.prompts, args.out, config, quiet=args.quiet)
+    except (RecordError, PolicyError) as error:
+        return _usage(str(error))
+    print(summary.line())
+    return EXIT_OK
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """`crs-trainer push-baselines`."""
+    import httpx
+
+    from trainer_client.push import PushOptions, failure_report, push_baselines
+    from trainer_client.records import RecordError
+    from trainer_client.retry import RetryPolicy
+
+    if not args.file.is_file():
+        return _usage(f"{args.file} is not a file")
+    if not args.timeout > 0:
+        return _usage(f"--timeout must be > 0, got {args.timeout}")
+    try:
+        options = PushOptions(
+            url=args.url,
+            token=args.token,
+            chunk_prompts=args.chunk_prompts,
+            chunk_responses=args.chunk_responses,
+            mode=args.mode,
+            retry=RetryPolicy(retries=args.retries),
+            # Connecting is quick or broken; scoring a large chunk is what takes time.
+            timeout=httpx.Timeout(args.timeout, connect=min(args.timeout, 10.0)),
+        )
+    except ValueError as error:
+        return _usage(str(error))
+    try:
+        summary = push_baselines(args.file, options, quiet=args.quiet)
+    except RecordError as error:
+        return _usage(str(error))
+    for line in failure_report(summary):
+        print(line, file=sys.stderr)
+    print(summary.line())
+    return EXIT_OK if summary.failed == 0 else EXIT_FAILED
+
+
+def _usage(message: str) -> int:
+    print(f"crs-trainer: error: {message}", file=sys.stderr)
+    return EXIT_USAGE

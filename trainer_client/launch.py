@@ -1,4 +1,5 @@
-"""Start a `crs-service serve` process on loopback: for the demo, benchmarks and e2e tests.
+"""Start a `crs-service serve` (or a `redis-server`) process on loopback: for the demo,
+benchmarks and e2e tests.
 
 It speaks to the service over HTTP only; the service runs as a separate process.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -103,3 +105,65 @@ class ServiceProcess:
     ) -> None:
         self.stop()
         self.log_path.unlink(missing_ok=True)
+
+
+class RedisProcess:
+    """A ``redis-server`` of our own on loopback, for tests and benchmarks (never the machine's
+    Redis): killed and restarted at will; its data directory survives restarts, and with
+    ``persistent`` an append-only file keeps the data across them."""
+
+    def __init__(self, workdir: Path, *, persistent: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.binary = binary
+        self.workdir = workdir
+        self.persistent = persistent
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--dir", str(self.workdir), "--save", ""]
+        command += ["--appendonly", "yes" if self.persistent else "no"]
+        if self.persistent:
+            command += ["--appendfsync", "always"]
+        with (self.workdir / "redis.log").open("ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self._wait_accepting()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash looks like to clients."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def _wait_accepting(self, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                log = (self.workdir / "redis.log").read_text(errors="replace")
+                raise RuntimeError(f"redis-server exited:\n{log}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock,
+            ):
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.02)
+        raise TimeoutError(f"redis-server did not start on port {self.port}")
+
+    def __enter__(self) -> RedisProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from service.api.errors import ServiceError, client_closed, from_validation_error
+from service.baselines.service import BaselineService
 from service.metrics import Metrics
 from service.scoring.engine import RewardEngine
 from service.settings import Settings
@@ -27,6 +28,7 @@ class Services:
     settings: Settings
     engine: RewardEngine
     metrics: Metrics
+    baselines: BaselineService
     draining: bool = False
 
 

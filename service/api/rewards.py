@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator, Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
 from service.api.auth import require_api_token
-from service.api.deps import EngineDep, ServicesDep, parse_body
+from service.api.deps import EngineDep, Services, ServicesDep, parse_body
 from service.api.disconnect import unless_disconnected
 from service.api.errors import ServiceError
 from service.api.openapi import json_body
@@ -20,6 +23,8 @@ from service.api.schemas import (
     RewardsRequest,
     RewardsResponse,
 )
+from service.baselines.contrastive import BaselineStats, aggregate, contrastive
+from service.baselines.service import Baseline, Scorer
 from service.scoring.batcher import BatchFailed, Overloaded, QueueTimeout
 from service.scoring.engine import EngineNotReady, RewardEngine
 from service.scoring.types import InputTooLong, NonFiniteReward, RewardInput, Score
@@ -42,7 +47,8 @@ RewardsBody = Annotated[RewardsRequest, Depends(rewards_body)]
 async def post_rewards(
     request: Request, body: RewardsBody, engine: EngineDep, services: ServicesDep
 ) -> RewardsResponse:
-    """Score every item with the active reward model; results come in request order."""
+    """Score every item with the active reward model; results come in request order, with
+    each prompt's baseline and the contrastive reward unless ``"contrastive": null``."""
     info = engine.info
     assert info is not None  # a ready engine has a model
     if body.model_version is not None and body.model_version != info.version:
@@ -51,30 +57,117 @@ async def post_rewards(
             f"model version {body.model_version} is not loaded; the active one is {info.version}",
             details={"requested": body.model_version, "active": info.version},
         )
-    if body.contrastive is not None and body.contrastive.on_missing == "error" and body.items:
-        # No baseline store yet: every prompt is missing, so refuse before scoring anything.
-        raise missing_baselines(body.items)
-    scores = await unless_disconnected(
-        request, score_items(engine, body, services.settings.truncation)
-    )
-    metrics = services.metrics
-    metrics.items_scored.inc(len(scores))
-    metrics.tokens_scored.inc(sum(score.tokens for score in scores))
-    metrics.items_truncated.inc(sum(score.truncated for score in scores))
-    results = [result_without_baseline(score, body.contrastive) for score in scores]
+    truncation = body.truncation or services.settings.truncation
+    if body.contrastive is None:
+        scores = await unless_disconnected(request, score_items(engine, body.items, truncation))
+        results = [
+            RewardResult(reward=score.reward, tokens=score.tokens, truncated=score.truncated)
+            for score in scores
+        ]
+    else:
+        results = await unless_disconnected(
+            request, contrastive_results(engine, services, body, body.contrastive, info.version)
+        )
+    count_scored(services, results)
     return RewardsResponse(model=ModelRef(name=info.name, version=info.version), results=results)
 
 
+async def contrastive_results(
+    engine: RewardEngine,
+    services: Services,
+    body: RewardsRequest,
+    options: ContrastiveOptions,
+    version: str,
+) -> list[RewardResult]:
+    """The items' rewards beside their prompts' baselines, scored and looked up at once."""
+    prompt_ids = [prompt_id(item.prompt_value(), item.prompt_id) for item in body.items]
+    prompts = {pid: item.prompt_value() for pid, item in zip(prompt_ids, body.items, strict=True)}
+    truncation = body.truncation or services.settings.truncation
+    resolving = services.baselines.resolve(prompts, version, baseline_scorer(engine, "left"))
+    if options.on_missing == "error":
+        # Refuse before scoring anything when a baseline is missing.
+        baselines = await resolving
+        refuse_missing(prompt_ids, baselines)
+        scores = await score_items(engine, body.items, truncation)
+    else:
+        scores, baselines = await asyncio.gather(
+            score_items(engine, body.items, truncation), resolving
+        )
+    floor = services.settings.baseline_std_floor
+    lookups = services.metrics.baseline_lookups
+    results = []
+    for score, pid in zip(scores, prompt_ids, strict=True):
+        baseline = baselines[pid]
+        lookups.labels(baseline.source).inc()
+        results.append(with_baseline(score, baseline, options, floor))
+    return results
+
+
+def refuse_missing(prompt_ids: list[str], baselines: dict[str, Baseline]) -> None:
+    """409 listing the prompts without a baseline (``on_missing: error``)."""
+    missing = sorted({pid for pid in prompt_ids if baselines[pid].source == "missing"})
+    if missing:
+        raise ServiceError(
+            409,
+            f"no baseline for {len(missing)} prompt(s); push baselines first or use "
+            "on_missing null|raw",
+            details={"missing_prompt_ids": missing},
+        )
+
+
+def with_baseline(
+    score: Score, baseline: Baseline, options: ContrastiveOptions, std_floor: float
+) -> RewardResult:
+    """One result: reward, baseline and contrastive reward, or what ``on_missing`` says."""
+    result = RewardResult(
+        reward=score.reward,
+        tokens=score.tokens,
+        truncated=score.truncated,
+        baseline_source=baseline.source,
+    )
+    if baseline.rewards:
+        stats = BaselineStats.of(baseline.rewards)
+        result.baseline = aggregate(baseline.rewards, options.aggregate)
+        result.baseline_n = stats.n
+        result.contrastive = contrastive(
+            score.reward, result.baseline, stats.std, options.normalize, std_floor
+        )
+    elif options.on_missing == "raw":
+        result.contrastive = score.reward
+    return result
+
+
+def count_scored(services: Services, results: list[RewardResult]) -> None:
+    metrics = services.metrics
+    metrics.items_scored.inc(len(results))
+    metrics.tokens_scored.inc(sum(result.tokens for result in results))
+    metrics.items_truncated.inc(sum(result.truncated for result in results))
+
+
 async def score_items(
-    engine: RewardEngine, body: RewardsRequest, default: Truncation
+    engine: RewardEngine, items: Sequence[RewardItem], truncation: Truncation
 ) -> list[Score]:
-    """The engine's scores, with its refusals translated into the envelope."""
-    inputs = [
-        RewardInput(prompt=item.prompt_value(), response=item.response) for item in body.items
-    ]
-    truncation = body.truncation or default
-    try:
+    """The engine's scores of the items, with its refusals translated into the envelope."""
+    inputs = [RewardInput(prompt=item.prompt_value(), response=item.response) for item in items]
+    with engine_errors():
         return await engine.score(inputs, truncation=truncation)
+
+
+def baseline_scorer(engine: RewardEngine, truncation: Truncation) -> Scorer:
+    """Scores baseline responses through the same engine and batcher as rewards."""
+
+    async def score(pairs: Sequence[RewardInput]) -> list[float]:
+        with engine_errors():
+            return [s.reward for s in await engine.score(pairs, truncation=truncation)]
+
+    return score
+
+
+@contextlib.contextmanager
+def engine_errors() -> Iterator[None]:
+    """The engine's refusals as envelope errors."""
+    try:
+        yield
     except InputTooLong as exc:
         details = {
             "items": [{"index": i, "tokens": n} for i, n in sorted(exc.lengths.items())],
@@ -92,23 +185,3 @@ async def score_items(
         raise ServiceError(504, f"timed out: {exc}") from exc
     except BatchFailed as exc:
         raise ServiceError(500, str(exc)) from exc
-
-
-def result_without_baseline(score: Score, options: ContrastiveOptions | None) -> RewardResult:
-    """A result for a prompt with no baseline (there is no baseline store yet)."""
-    result = RewardResult(reward=score.reward, tokens=score.tokens, truncated=score.truncated)
-    if options is None:
-        return result
-    result.baseline_source = "missing"
-    if options.on_missing == "raw":
-        result.contrastive = score.reward
-    return result
-
-
-def missing_baselines(items: list[RewardItem]) -> ServiceError:
-    ids = sorted({prompt_id(item.prompt_value(), item.prompt_id) for item in items})
-    return ServiceError(
-        409,
-        f"no baseline for {len(ids)} prompt(s); push baselines first or use on_missing null|raw",
-        details={"missing_prompt_ids": ids},
-    )

@@ -84,3 +84,73 @@ class RewardResult(BaseModel):
 class RewardsResponse(BaseModel):
     model: ModelRef
     results: list[RewardResult]
+
+
+# --- baselines (DESIGN.md 4, "Baselines") ------------------------------------------------------
+
+
+class BaselineItem(StrictBody):
+    prompt: NonEmpty | Annotated[list[ChatMessage], Field(min_length=1)]
+    prompt_id: NonEmpty | None = None
+    responses: Annotated[list[NonEmpty], Field(min_length=1)]
+
+    def prompt_value(self) -> str | list[dict[str, str]]:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return [message.model_dump() for message in self.prompt]
+
+
+class BaselinesPut(StrictBody):
+    items: list[BaselineItem]
+    mode: Literal["replace", "append"] = Field(
+        default="replace",
+        description="replace: the responses become these (idempotent); append: added to them",
+    )
+
+
+class BaselineStats(BaseModel):
+    """Summary of one prompt's baseline rewards under one model version."""
+
+    prompt_id: str
+    n: int
+    mean: float
+    std: float
+    min: float
+    max: float
+
+
+class BaselineStored(BaselineStats):
+    """One uploaded prompt: its statistics, and whether the store kept it."""
+
+    stored: bool
+    error: str | None = None
+
+
+class BaselinesPutResponse(BaseModel):
+    model: ModelRef
+    stored: int
+    failed: int
+    results: list[BaselineStored]
+
+
+class BaselineRecord(BaseModel):
+    """A stored prompt: its responses, and their rewards under the active model version (null
+    when that version has not scored them yet)."""
+
+    prompt_id: str
+    model_version: str
+    responses: list[str]
+    rewards: list[float] | None
+    stats: BaselineStats | None
+
+
+class BaselinesSummary(BaseModel):
+    model: ModelRef
+    store: Literal["redis", "memory"]
+    prompts: int
+    with_rewards: int
+
+
+class BaselineDeleted(BaseModel):
+    prompt_id: str
+    deleted: bool

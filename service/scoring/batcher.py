@@ -1,11 +1,12 @@
 """Cross-request dynamic batching.
 
 PPO trainers send one sample per request as each rollout finishes. Every item of every request
-enters one queue, kept sorted by length. The device thread takes its next batch the moment it
+enters one queue, kept sorted by length. A device thread takes its next batch the moment it
 finishes the last one, with no trip through the event loop: a window of the sorted queue around
 the oldest waiting item, grown on the side that wastes less padding, as large as the token
 budget allows counted with padding. So the device never waits for the event loop, and every
-batch is formed from everything that arrived while the previous one ran.
+batch is formed from everything that arrived while the previous one ran. A GPU has one device
+thread; a CPU may have several, each running its own batches on its share of the cores.
 """
 
 from __future__ import annotations
@@ -125,10 +126,11 @@ class _Throughput:
 
 @dataclass
 class Batcher:
-    """One queue and one device thread shared by every request to a model.
+    """One queue and its device threads (``workers``, usually one) shared by every request.
 
     The queue is shared between the event loop (which adds and withdraws items) and the device
-    thread (which takes batches), under one lock; requests and their futures belong to the loop.
+    threads (which take batches), under one lock; requests and their futures belong to the loop.
+    ``worker_init`` runs first on each device thread (the model binds its CPU threads there).
     """
 
     forward: Forward
@@ -137,21 +139,27 @@ class Batcher:
     batch_wait_s: float
     observer: BatchObserver
     min_efficiency: float = 0.0
+    workers: int = 1
+    worker_init: Callable[[], None] | None = None
     _sorted: list[_Item] = field(default_factory=list)
     _arrivals: deque[_Item] = field(default_factory=deque)
     _queued_tokens: int = 0
     _arrival_number: int = 0
     _changed: threading.Condition = field(default_factory=threading.Condition)
     _stopping: bool = False
-    _thread: threading.Thread | None = None
+    _threads: list[threading.Thread] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
     _throughput: _Throughput = field(default_factory=_Throughput)
 
     def start(self) -> None:
-        """Start the device thread; results come back to the running event loop."""
+        """Start the device threads; results come back to the running event loop."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run_device, name="crs-device", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run_device, name=f"crs-device-{n}", daemon=True)
+            for n in range(self.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     async def stop(self) -> None:
         """Stop taking batches and fail whatever still waits."""
@@ -161,9 +169,9 @@ class Batcher:
             self._changed.notify_all()
         for owner in waiting:
             self._fail(owner, BatchFailed("the service is shutting down"), "shutdown")
-        if self._thread is not None:
+        for thread in self._threads:
             # A forward in progress finishes on its own; do not hold the loop for it.
-            await asyncio.to_thread(self._thread.join, 30)
+            await asyncio.to_thread(thread.join, 30)
 
     @property
     def queued_tokens(self) -> int:
@@ -209,7 +217,7 @@ class Batcher:
                 self._arrivals.append(queued)
                 self._queued_tokens += item.length
             self._queue_changed()
-            self._changed.notify()
+            self._changed.notify_all()
 
     def _drop(self, request: _Request, reason: str) -> None:
         """Close a request and take its waiting items out of the queue."""
@@ -253,6 +261,8 @@ class Batcher:
     # --- the device thread's side ----------------------------------------------------------
 
     def _run_device(self) -> None:
+        if self.worker_init is not None:
+            self.worker_init()
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -328,7 +338,8 @@ class Batcher:
 
     def _record(self, batch: list[_Item], seconds: float) -> None:
         lengths = [item.encoded.length for item in batch]
-        self._throughput.record(sum(lengths), seconds)
+        # Each device thread runs at about this rate, side by side with the others.
+        self._throughput.record(sum(lengths) * self.workers, seconds)
         self.observer.batch_done(
             items=len(batch),
             real_tokens=sum(lengths),

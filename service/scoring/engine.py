@@ -1,7 +1,7 @@
 """The engine: an async facade over a reward model that the API awaits.
 
 Tokenisation runs in a small thread pool, batches form in the shared batcher, and the forward
-runs in one thread per device, so the event loop only ever waits.
+runs in the batcher's device threads (one on a GPU), so the event loop only ever waits.
 """
 
 from __future__ import annotations
@@ -111,9 +111,10 @@ class HFRewardEngine:
             raise
         self._state = "ready"
         log.info(
-            "model %s ready on %s (%s, %s input, max %d tokens)",
+            "model %s ready on %s x%d (%s, %s input, max %d tokens)",
             model.info.version,
             model.info.device,
+            model.workers.workers,
             model.info.dtype,
             model.info.input_format,
             model.info.max_input_tokens,
@@ -127,6 +128,8 @@ class HFRewardEngine:
             batch_wait_s=self._settings.batch_wait_ms / 1000,
             min_efficiency=self._settings.min_batch_efficiency,
             observer=self._observer,
+            workers=model.workers.workers,
+            worker_init=model.bind_worker_thread,
         )
 
     async def astop(self) -> None:

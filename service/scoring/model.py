@@ -34,6 +34,12 @@ class RewardModel:
     formatter: Formatter
     device: torch.device
     pad_token_id: int
+    workers: WorkerPlan
+
+    def bind_worker_thread(self) -> None:
+        """Run on each device thread before its first forward: its share of the CPU cores."""
+        if self.workers.threads_each is not None:
+            torch.set_num_threads(self.workers.threads_each)
 
     def forward(self, batch: Sequence[Encoded]) -> list[float]:
         """Raw rewards (logits, no sigmoid) of one batch, with one device-to-host copy."""
@@ -42,6 +48,26 @@ class RewardModel:
             logits = self.model(**inputs).logits
         rewards: list[float] = logits[:, self.info.label_index].float().cpu().tolist()
         return rewards
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many threads run forwards side by side, and the intra-op threads each one gets
+    (None: torch's own setting, as on a GPU)."""
+
+    workers: int
+    threads_each: int | None
+
+
+def plan_workers(requested: int | None, device: torch.device) -> WorkerPlan:
+    """A GPU gets one device thread. A CPU gets two by default, each with half the cores: one
+    forward's Python-side gaps and thread barriers leave cores idle that the other fills (on 2
+    cores, two single-threaded forwards side by side score 15-20% more than one with both)."""
+    if device.type != "cpu":
+        return WorkerPlan(workers=requested or 1, threads_each=None)
+    cores = torch.get_num_threads()
+    workers = requested or min(2, cores)
+    return WorkerPlan(workers=workers, threads_each=max(1, cores // workers))
 
 
 def pad_batch(batch: Sequence[Encoded], pad_token_id: int, device: torch.device) -> dict[str, Any]:
@@ -224,6 +250,7 @@ def load_reward_model(path: Path, settings: Settings) -> RewardModel:
         formatter=Formatter(tokenizer, input_format, max_tokens),
         device=device,
         pad_token_id=pad_token_id,
+        workers=plan_workers(settings.device_workers, device),
     )
 
 

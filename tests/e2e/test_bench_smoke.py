@@ -1,4 +1,5 @@
-"""The throughput benchmark runs end to end and every mode scores the same tokens.
+"""The benchmarks run end to end: every throughput mode scores the same tokens, passes
+alternate, and the baselines benchmark sees cache hits.
 
 It measures nothing here (benchmarks never assert a time); it keeps the script working."""
 
@@ -9,14 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "throughput.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def test_throughput_benchmark_runs_all_modes(tiny_llama: Path, tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
     command = [
-        sys.executable, str(BENCH), "--model", str(tiny_llama), "--items", "24",
-        "--concurrency", "4", "--batch-items", "8", "--warmup", "4", "--out", str(out),
+        sys.executable, str(BENCH / "throughput.py"), "--model", str(tiny_llama), "--items", "24",
+        "--concurrency", "4", "--batch-items", "8", "--warmup", "4", "--passes", "2",
+        "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -32,4 +34,22 @@ def test_throughput_benchmark_runs_all_modes(tiny_llama: Path, tmp_path: Path) -
     # Every mode formatted and scored exactly the same items.
     assert len({run["tokens"] for run in runs.values()}) == 1
     assert all(run["items"] == 24 and run["failures"] == 0 for run in runs.values())
+    assert all(len(run["passes_items_per_s"]) == 2 for run in runs.values())
+    assert len(runs["service/1-item c=4"]["pass_ratios_to_bare"]) == 2
+    assert report["summary"] in done.stdout
+
+
+def test_baselines_benchmark_runs(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "baselines.json"
+    command = [
+        sys.executable, str(BENCH / "baselines.py"), "--model", str(tiny_llama),
+        "--prompts", "16", "-k", "2", "--repeats", "3", "--push-prompts", "4",
+        "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["store_lookup"]["prompts"] == 16
+    assert report["push"]["responses"] == 8
+    assert report["rewards_request"]["items"] == 16
     assert report["summary"] in done.stdout

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import pytest
@@ -70,7 +70,13 @@ class Model:
 
 @asynccontextmanager
 async def running(
-    model: Model, *, budget: int = 1000, queue: int = 100_000, wait_s: float = 0.002
+    model: Model,
+    *,
+    budget: int = 1000,
+    queue: int = 100_000,
+    wait_s: float = 0.002,
+    workers: int = 1,
+    worker_init: Callable[[], None] | None = None,
 ) -> AsyncIterator[tuple[Batcher, Observer]]:
     observer = Observer()
     batcher = Batcher(
@@ -79,6 +85,8 @@ async def running(
         max_queue_tokens=queue,
         batch_wait_s=wait_s,
         observer=observer,
+        workers=workers,
+        worker_init=worker_init,
     )
     batcher.start()
     try:
@@ -120,13 +128,14 @@ def test_concurrent_requests_share_batches_and_get_their_own_rewards() -> None:
 @given(
     st.lists(st.lists(st.integers(1, 300), min_size=0, max_size=12), min_size=1, max_size=12),
     st.integers(64, 2048),
+    st.integers(1, 3),
 )
 def test_every_request_gets_its_rewards_in_order_and_budgets_hold(
-    requests: list[list[int]], budget: int
+    requests: list[list[int]], budget: int, workers: int
 ) -> None:
     async def body() -> list[list[float]]:
         model = Model()
-        async with running(model, budget=budget) as (batcher, _):
+        async with running(model, budget=budget, workers=workers) as (batcher, _):
             submissions = [
                 [encoded(length, tag=r * 100 + i + 1) for i, length in enumerate(lengths)]
                 for r, lengths in enumerate(requests)
@@ -239,5 +248,31 @@ def test_stop_fails_what_still_waits() -> None:
             assert await held == [7004.0]
             with pytest.raises(BatchFailed, match="shutting down"):
                 await batcher.submit([encoded(5)], 10)
+
+    asyncio.run(body())
+
+
+def test_device_threads_run_batches_side_by_side() -> None:
+    """Two device threads: the second batch starts while the first is still running (each
+    forward waits for the other at a barrier, which one thread alone could never pass)."""
+    barrier = threading.Barrier(2, timeout=5)
+    initialised: list[str] = []
+
+    class SideBySide(Model):
+        def forward(self, batch: Sequence[Encoded]) -> list[float]:
+            barrier.wait()
+            return super().forward(batch)
+
+    def init() -> None:
+        initialised.append(threading.current_thread().name)
+
+    async def body() -> None:
+        model = SideBySide()
+        async with running(model, budget=16, workers=2, worker_init=init) as (batcher, _):
+            first, second = [encoded(10, tag=1)], [encoded(10, tag=2)]
+            got = await asyncio.gather(batcher.submit(first, 10), batcher.submit(second, 10))
+        assert got == [[reward_of(first[0])], [reward_of(second[0])]]
+        assert len(model.batches) == 2
+        assert sorted(initialised) == ["crs-device-0", "crs-device-1"]
 
     asyncio.run(body())

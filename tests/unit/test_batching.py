@@ -1,11 +1,14 @@
-"""Length-sorted token-budget batches: every item once, budgets respected."""
+"""Length-sorted token-budget batches: every item once, budgets respected; how many device
+threads run them."""
 
 from __future__ import annotations
 
+import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.scoring.model import plan_batches
+from service.scoring.model import WorkerPlan, plan_batches, plan_workers
 
 lengths_st = st.lists(st.integers(min_value=1, max_value=600), max_size=200)
 budget_st = st.integers(min_value=1, max_value=4096)
@@ -34,3 +37,26 @@ def test_batches_are_length_sorted(lengths: list[int], budget: int) -> None:
 def test_similar_lengths_share_a_batch() -> None:
     # 6 items of 10 tokens fit one 64-token batch; the 60-token item goes alone.
     assert plan_batches([10, 60, 10, 10, 10, 10, 10], 64) == [[0, 2, 3, 4, 5, 6], [1]]
+
+
+@pytest.mark.parametrize(
+    ("cores", "requested", "plan"),
+    [
+        (2, None, WorkerPlan(workers=2, threads_each=1)),
+        (16, None, WorkerPlan(workers=2, threads_each=8)),
+        (1, None, WorkerPlan(workers=1, threads_each=1)),
+        (8, 1, WorkerPlan(workers=1, threads_each=8)),
+        (8, 3, WorkerPlan(workers=3, threads_each=2)),
+        (2, 4, WorkerPlan(workers=4, threads_each=1)),
+    ],
+)
+def test_a_cpu_shares_its_cores_among_device_threads(
+    monkeypatch: pytest.MonkeyPatch, cores: int, requested: int | None, plan: WorkerPlan
+) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: cores)
+    assert plan_workers(requested, torch.device("cpu")) == plan
+
+
+@pytest.mark.parametrize(("requested", "workers"), [(None, 1), (2, 2)])
+def test_a_gpu_gets_one_device_thread_unless_asked(requested: int | None, workers: int) -> None:
+    assert plan_workers(requested, torch.device("cuda")) == WorkerPlan(workers, None)

@@ -1,0 +1,183 @@
+"""Baselines: upload (scored with the active model), read, delete and count (DESIGN.md 4)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+
+from service.api.auth import require_api_token
+from service.api.deps import EngineDep, ServicesDep, parse_body
+from service.api.errors import ServiceError
+from service.api.openapi import json_body
+from service.api.rewards import baseline_scorer
+from service.api.schemas import (
+    BaselineDeleted,
+    BaselineRecord,
+    BaselinesPut,
+    BaselinesPutResponse,
+    BaselinesSummary,
+    BaselineStats,
+    BaselineStored,
+    ModelRef,
+)
+from service.baselines import contrastive
+from service.baselines.service import Upload, Uploaded
+from service.baselines.store import StoreUnavailable
+from service.scoring.engine import RewardEngine
+from trainer_client.prompt_id import prompt_id
+
+router = APIRouter(dependencies=[Depends(require_api_token)], tags=["baselines"])
+
+
+async def baselines_body(request: Request, services: ServicesDep) -> BaselinesPut:
+    return await parse_body(request, BaselinesPut, services.settings)
+
+
+BaselinesBody = Annotated[BaselinesPut, Depends(baselines_body)]
+
+
+@router.put("/v1/baselines", openapi_extra=json_body(BaselinesPut))
+async def put_baselines(
+    body: BaselinesBody, engine: EngineDep, services: ServicesDep
+) -> BaselinesPutResponse:
+    """Score each prompt's responses with the active model and store them with their rewards.
+
+    ``replace`` (default) is idempotent. A store failure marks only the prompts it hit
+    (``"stored": false`` with the reason); when nothing could be stored the answer is 503."""
+    responses = sum(len(item.responses) for item in body.items)
+    if responses > (limit := services.settings.max_items_per_request):
+        raise ServiceError(
+            413,
+            f"{responses} responses exceed the limit of {limit} per request; split the upload",
+            details={"responses": responses, "max_items_per_request": limit},
+        )
+    uploads = unique_uploads(body)
+    info = engine.info
+    assert info is not None
+    truncation = services.settings.truncation
+    done = await services.baselines.upload(
+        uploads, body.mode, info.version, baseline_scorer(engine, truncation)
+    )
+    stored = sum(result.stored for result in done)
+    if done and not stored:
+        raise ServiceError(
+            503,
+            f"the baseline store kept none of {len(done)} prompt(s): {done[0].error}",
+            headers={"Retry-After": "1"},
+        )
+    return BaselinesPutResponse(
+        model=ModelRef(name=info.name, version=info.version),
+        stored=stored,
+        failed=len(done) - stored,
+        results=[stored_result(result) for result in done],
+    )
+
+
+def unique_uploads(body: BaselinesPut) -> list[Upload]:
+    """The uploads in request order; a prompt twice in one request is refused (which of the two
+    should win is the caller's to say)."""
+    uploads = [
+        Upload(
+            prompt_id=prompt_id(item.prompt_value(), item.prompt_id),
+            prompt=item.prompt_value(),
+            responses=list(item.responses),
+        )
+        for item in body.items
+    ]
+    seen: dict[str, int] = {}
+    for index, upload in enumerate(uploads):
+        if upload.prompt_id in seen:
+            raise ServiceError(
+                422,
+                f"prompt {upload.prompt_id} appears twice (items {seen[upload.prompt_id]} and "
+                f"{index}); send each prompt once per request",
+                details={"prompt_id": upload.prompt_id, "items": [seen[upload.prompt_id], index]},
+            )
+        seen[upload.prompt_id] = index
+    return uploads
+
+
+def stored_result(result: Uploaded) -> BaselineStored:
+    stats = result.stats
+    return BaselineStored(
+        prompt_id=result.prompt_id,
+        n=stats.n,
+        mean=stats.mean,
+        std=stats.std,
+        min=stats.min,
+        max=stats.max,
+        stored=result.stored,
+        error=result.error,
+    )
+
+
+@router.get("/v1/baselines/{prompt_id}")
+async def get_baseline(prompt_id: str, engine: EngineDep, services: ServicesDep) -> BaselineRecord:
+    """A stored prompt's responses, and their rewards under the active model (null when it has
+    not scored them yet; any rewards request for the prompt computes them)."""
+    version = active_version(engine)
+    with store_errors():
+        found = await services.baselines.store.lookup([prompt_id], version, with_responses=True)
+    stored = found.get(prompt_id)
+    if stored is None or stored.responses is None:
+        raise ServiceError(404, f"no baseline stored for prompt {prompt_id}")
+    return BaselineRecord(
+        prompt_id=prompt_id,
+        model_version=version,
+        responses=stored.responses,
+        rewards=stored.rewards,
+        stats=stats_of(prompt_id, stored.rewards),
+    )
+
+
+@router.delete("/v1/baselines/{prompt_id}")
+async def delete_baseline(prompt_id: str, services: ServicesDep) -> BaselineDeleted:
+    """Forget a prompt's responses (and with them every version's rewards)."""
+    with store_errors():
+        deleted = await services.baselines.store.delete(prompt_id)
+    if not deleted:
+        raise ServiceError(404, f"no baseline stored for prompt {prompt_id}")
+    return BaselineDeleted(prompt_id=prompt_id, deleted=True)
+
+
+@router.get("/v1/baselines")
+async def count_baselines(engine: EngineDep, services: ServicesDep) -> BaselinesSummary:
+    """How many prompts are stored, and how many have rewards under the active model."""
+    info = engine.info
+    assert info is not None
+    store = services.baselines.store
+    with store_errors():
+        prompts, scored = await store.counts(info.version)
+    return BaselinesSummary(
+        model=ModelRef(name=info.name, version=info.version),
+        store=store.kind,
+        prompts=prompts,
+        with_rewards=scored,
+    )
+
+
+def active_version(engine: RewardEngine) -> str:
+    info = engine.info
+    assert info is not None
+    return info.version
+
+
+def stats_of(prompt_id: str, rewards: list[float] | None) -> BaselineStats | None:
+    if not rewards:
+        return None
+    stats = contrastive.BaselineStats.of(rewards)
+    return BaselineStats(
+        prompt_id=prompt_id, n=stats.n, mean=stats.mean, std=stats.std, min=stats.min, max=stats.max
+    )
+
+
+@contextlib.contextmanager
+def store_errors() -> Iterator[None]:
+    """A store failure as 503 with the envelope (reads and deletes have nothing to degrade to)."""
+    try:
+        yield
+    except StoreUnavailable as exc:
+        raise ServiceError(503, str(exc), headers={"Retry-After": "1"}) from exc

@@ -1,0 +1,470 @@
+"""`crs-trainer push-baselines` against a real uvicorn server speaking PUT /v1/baselines.
+
+The fake service validates every body with the service's own request schema and answers with
+its response schema, so the client is held to the wire format; it can be told to refuse the
+first calls (429 with Retry-After, 503, 504, 413, 422, or a prompt answered stored: false).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from service.api.schemas import (
+    BaselinesPut,
+    BaselinesPutResponse,
+    BaselineStored,
+    ModelRef,
+)
+from trainer_client.cli import main
+from trainer_client.launch import free_port
+from trainer_client.prompt_id import prompt_id
+from trainer_client.push import PushOptions, PushSummary, failure_report, push_baselines
+from trainer_client.retry import RetryPolicy
+
+# Retries in tests wait milliseconds, except where a Retry-After says otherwise.
+FAST_RETRY = RetryPolicy(retries=4, base_s=0.01, max_s=0.02)
+REFUSALS = {
+    "429": (429, "overloaded", {"Retry-After": "1"}),
+    "503": (503, "not_ready", {}),
+    "504": (504, "timeout", {}),
+    "413": (413, "payload_too_large", {}),
+    "422": (422, "validation_error", {}),
+}
+UNSTORED_ERROR = "store unavailable (test)"
+
+RECORDS: list[dict[str, Any]] = [
+    {"prompt_id": "p0", "prompt": "What is 2 + 2?", "responses": ["4"]},
+    {"prompt_id": "p1", "prompt": "Name a colour.", "responses": ["red", "green blue"]},
+    {"prompt": "No id given.", "responses": ["a", "bb", "ccc"]},
+    {
+        "prompt": [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "Hi?"},
+        ],
+        "responses": ["hey", "hello", "yo", "hi there"],
+    },
+    {"prompt_id": "p4", "prompt": "Count.", "responses": ["1", "12", "123", "1234", "12345"]},
+    {"prompt_id": "p5", "prompt": "Six answers.", "responses": ["x" * n for n in range(1, 7)]},
+    {"prompt_id": "p6", "prompt": "One more.", "responses": ["z"]},
+    {"prompt_id": "p7", "prompt": "Last.", "responses": ["end", "fin"]},
+]
+IDS = [prompt_id(r["prompt"], r.get("prompt_id")) for r in RECORDS]
+
+
+def reward(response: str) -> float:
+    """The fake reward model: the length of the response, easy to check by hand."""
+    return float(len(response))
+
+
+@dataclass
+class Call:
+    at: float
+    body: dict[str, Any]
+
+
+@dataclass
+class FakeService:
+    """PUT /v1/baselines with a scripted list of refusals for the first calls."""
+
+    plan: list[str] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)
+    store: dict[str, list[str]] = field(default_factory=dict)
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.put("/v1/baselines")
+        async def put_baselines(request: Request) -> JSONResponse:
+            body = await request.json()
+            self.calls.append(Call(at=time.monotonic(), body=body))
+            step = self.plan.pop(0) if self.plan else "ok"
+            if step in REFUSALS:
+                status, error_type, headers = REFUSALS[step]
+                message = f"refused with {status} (test)"
+                envelope = {"error": {"type": error_type, "message": message, "details": None}}
+                return JSONResponse(envelope, status_code=status, headers=headers)
+            return JSONResponse(self.answer(body, unstored=step == "unstored").model_dump())
+
+        return app
+
+    def answer(self, body: dict[str, Any], *, unstored: bool) -> BaselinesPutResponse:
+        request = BaselinesPut.model_validate(body)
+        ids = [prompt_id(item.prompt_value(), item.prompt_id) for item in request.items]
+        assert len(set(ids)) == len(ids), "the service refuses a prompt twice in one request"
+        results = []
+        for i, item in enumerate(request.items):
+            pid = prompt_id(item.prompt_value(), item.prompt_id)
+            if unstored and i == 0:
+                results.append(
+                    BaselineStored(
+                        prompt_id=pid,
+                        n=0,
+                        mean=0,
+                        std=0,
+                        min=0,
+                        max=0,
+                        stored=False,
+                        error=UNSTORED_ERROR,
+                    )
+                )
+                continue
+            kept = self.store.get(pid, []) if request.mode == "append" else []
+            self.store[pid] = kept + item.responses
+            rewards = [reward(r) for r in self.store[pid]]
+            results.append(
+                BaselineStored(
+                    prompt_id=pid,
+                    n=len(rewards),
+                    mean=statistics.fmean(rewards),
+                    std=statistics.pstdev(rewards),
+                    min=min(rewards),
+                    max=max(rewards),
+                    stored=True,
+                )
+            )
+        failed = sum(not r.stored for r in results)
+        return BaselinesPutResponse(
+            model=ModelRef(name="fake", version="fake@1"),
+            stored=len(results) - failed,
+            failed=failed,
+            results=results,
+        )
+
+    def sent_ids(self) -> list[str]:
+        return [item["prompt_id"] for call in self.calls for item in call.body["items"]]
+
+
+@contextlib.contextmanager
+def serving(app: FastAPI, port: int) -> Iterator[str]:
+    """A real uvicorn server on 127.0.0.1:port in a thread, stopped on exit."""
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", loop="asyncio"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def fake() -> FakeService:
+    return FakeService()
+
+
+@pytest.fixture
+def url(fake: FakeService) -> Iterator[str]:
+    with serving(fake.app(), free_port()) as base:
+        yield base
+
+
+@pytest.fixture
+def baselines(tmp_path: Path) -> Path:
+    path = tmp_path / "baselines.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
+    return path
+
+
+def push(path: Path, url: str, **options: Any) -> PushSummary:
+    options.setdefault("retry", FAST_RETRY)
+    return push_baselines(path, PushOptions(url=url, **options), quiet=True)
+
+
+def expected_mean_of_means(records: list[dict[str, Any]]) -> float:
+    return statistics.fmean(statistics.fmean(map(reward, r["responses"])) for r in records)
+
+
+@pytest.mark.parametrize(
+    ("chunk_prompts", "chunk_responses"), [(64, 1024), (2, 1024), (64, 5), (3, 4), (1, 1)]
+)
+def test_chunks_keep_every_prompt_once_and_in_order(
+    fake: FakeService, url: str, baselines: Path, chunk_prompts: int, chunk_responses: int
+) -> None:
+    summary = push(baselines, url, chunk_prompts=chunk_prompts, chunk_responses=chunk_responses)
+
+    assert summary.stored == len(RECORDS)
+    assert summary.failed == 0
+    assert fake.sent_ids() == IDS
+    sent = [item for call in fake.calls for item in call.body["items"]]
+    assert [(i["prompt"], i["responses"]) for i in sent] == [
+        (r["prompt"], r["responses"]) for r in RECORDS
+    ]
+    for call in fake.calls:
+        items = call.body["items"]
+        assert call.body["mode"] == "replace"
+        assert len(items) <= chunk_prompts
+        # A prompt with more responses than the bound travels alone, never split.
+        assert len(items) == 1 or sum(len(i["responses"]) for i in items) <= chunk_responses
+
+
+def test_chunk_bounds_give_the_expected_requests(
+    fake: FakeService, url: str, baselines: Path
+) -> None:
+    push(baselines, url, chunk_prompts=3, chunk_responses=6)
+    sizes = [[len(i["responses"]) for i in call.body["items"]] for call in fake.calls]
+    assert sizes == [[1, 2, 3], [4], [5], [6], [1, 2]]
+
+
+def test_a_repeated_prompt_goes_into_the_next_request(
+    fake: FakeService, url: str, tmp_path: Path
+) -> None:
+    # The service refuses one prompt twice in a request; in file order the later line wins.
+    path = tmp_path / "baselines.jsonl"
+    rows = [RECORDS[0], RECORDS[1], {**RECORDS[0], "responses": ["four"]}, RECORDS[6]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    summary = push(path, url)
+
+    ids = [[i["prompt_id"] for i in call.body["items"]] for call in fake.calls]
+    assert ids == [["p0", "p1"], ["p0", "p6"]]
+    assert fake.store["p0"] == ["four"]
+    assert summary.stored == 4
+
+
+def test_summary_numbers_and_cli_output(
+    fake: FakeService, url: str, baselines: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["push-baselines", str(baselines), "--url", url, "--chunk-prompts", "3", "--quiet"])
+
+    assert code == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    mean = expected_mean_of_means(RECORDS)
+    assert f"stored {len(RECORDS)} prompts, failed 0, mean baseline {mean:.6g}" in out[0]
+    assert "model fake@1" in out[0]
+    assert set(fake.store) == set(IDS)
+
+
+@pytest.mark.parametrize("refusal", ["429", "503", "504"])
+def test_transient_refusals_are_retried(
+    fake: FakeService, url: str, baselines: Path, refusal: str
+) -> None:
+    fake.plan = [refusal, refusal] if refusal != "429" else [refusal]
+    summary = push(baselines, url)
+
+    assert summary.stored == len(RECORDS)
+    assert summary.failed == 0
+    refused = 2 if refusal != "429" else 1
+    assert len(fake.calls) == refused + 1
+    # The retries resend the same body.
+    assert all(call.body == fake.calls[-1].body for call in fake.calls)
+
+
+def test_retry_after_is_honoured(fake: FakeService, url: str, baselines: Path) -> None:
+    fake.plan = ["429"]
+    push(baselines, url)
+
+    assert len(fake.calls) == 2
+    retry_after = float(REFUSALS["429"][2]["Retry-After"])
+    assert fake.calls[1].at - fake.calls[0].at >= retry_after
+
+
+def test_connection_refused_is_retried(
+    fake: FakeService, baselines: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()  # nothing listens there yet
+    servers: list[contextlib.ExitStack] = []
+
+    def sleep_then_start_the_server(seconds: float) -> None:
+        if not servers:
+            stack = contextlib.ExitStack()
+            stack.enter_context(serving(fake.app(), port))
+            servers.append(stack)
+        time.sleep(seconds)
+
+    try:
+        summary = push_baselines(
+            baselines,
+            PushOptions(url=f"http://127.0.0.1:{port}", retry=FAST_RETRY),
+            quiet=True,
+            sleep=sleep_then_start_the_server,
+        )
+    finally:
+        for stack in servers:
+            stack.close()
+
+    assert servers, "the first attempt did not fail"
+    assert "ConnectError" in caplog.text
+    assert summary.stored == len(RECORDS)
+    assert fake.sent_ids() == IDS
+
+
+def test_append_does_not_retry_a_gateway_timeout(
+    fake: FakeService, url: str, baselines: Path
+) -> None:
+    fake.plan = ["504"]
+    summary = push(baselines, url, mode="append")
+
+    assert len(fake.calls) == 1
+    assert summary.stored == 0
+    assert summary.fatal is not None
+    assert summary.fatal.startswith("HTTP 504: refused with 504 (test) (append is not retried")
+
+
+def test_retries_run_out(fake: FakeService, url: str, baselines: Path) -> None:
+    fake.plan = ["503"] * 10
+    summary = push(baselines, url, retry=RetryPolicy(retries=2, base_s=0.01, max_s=0.01))
+
+    assert len(fake.calls) == 3
+    assert summary.stored == 0
+    assert summary.failed == len(RECORDS)
+    assert summary.fatal is not None
+    assert "HTTP 503: refused with 503 (test)" in summary.fatal
+    assert "gave up after 2 retries" in summary.fatal
+
+
+def test_a_validation_error_is_not_retried(
+    fake: FakeService, url: str, baselines: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.plan = ["422"]
+    code = main(["push-baselines", str(baselines), "--url", url, "--quiet"])
+
+    assert code == 1
+    assert len(fake.calls) == 1
+    captured = capsys.readouterr()
+    assert "HTTP 422: refused with 422 (test)" in captured.err
+    assert f"{len(RECORDS)} prompt(s) were not sent" in captured.err
+    assert f"stored 0 prompts, failed {len(RECORDS)}" in captured.out
+
+
+def test_stop_at_the_first_fatal_chunk(fake: FakeService, url: str, baselines: Path) -> None:
+    fake.plan = ["ok", "422"]
+    summary = push(baselines, url, chunk_prompts=3)
+
+    assert len(fake.calls) == 2
+    assert summary.stored == 3
+    assert summary.failed == len(RECORDS) - 3
+
+
+@pytest.mark.parametrize("mode", ["replace", "append"])
+def test_unstored_prompts_are_sent_again_alone(
+    fake: FakeService, url: str, baselines: Path, mode: str
+) -> None:
+    fake.plan = ["unstored"]
+    summary = push(baselines, url, mode=mode)
+
+    assert summary.stored == len(RECORDS)
+    assert summary.failed == 0
+    assert [len(call.body["items"]) for call in fake.calls] == [len(RECORDS), 1]
+    assert fake.calls[1].body["items"][0]["prompt_id"] == IDS[0]
+    # Nothing was stored twice, even under append.
+    assert fake.store == {pid: r["responses"] for pid, r in zip(IDS, RECORDS, strict=True)}
+
+
+def test_prompts_never_stored_are_reported(fake: FakeService, url: str, baselines: Path) -> None:
+    fake.plan = ["unstored"] * 10
+    summary = push(baselines, url, retry=RetryPolicy(retries=2, base_s=0.01, max_s=0.01))
+
+    assert len(fake.calls) == 3
+    assert summary.stored == len(RECORDS) - 1
+    assert summary.failed == 1
+    assert summary.fatal is None
+    assert failure_report(summary) == [f"not stored: {IDS[0]}: {UNSTORED_ERROR}"]
+    assert summary.mean_baseline == pytest.approx(expected_mean_of_means(RECORDS[1:]))
+
+
+def test_payload_too_large_halves_the_chunk(fake: FakeService, url: str, baselines: Path) -> None:
+    fake.plan = ["413"]
+    summary = push(baselines, url)
+
+    assert summary.stored == len(RECORDS)
+    assert [len(call.body["items"]) for call in fake.calls] == [8, 4, 4]
+    assert [i["prompt_id"] for c in fake.calls[1:] for i in c.body["items"]] == IDS
+
+
+def test_rerunning_under_replace_is_idempotent(
+    fake: FakeService, url: str, baselines: Path
+) -> None:
+    first = push(baselines, url, chunk_prompts=3)
+    first_bodies = [call.body for call in fake.calls]
+    store = dict(fake.store)
+    fake.calls.clear()
+
+    second = push(baselines, url, chunk_prompts=3)
+
+    assert [call.body for call in fake.calls] == first_bodies
+    assert fake.store == store
+    assert (second.stored, second.failed, second.mean_baseline) == (
+        first.stored,
+        first.failed,
+        first.mean_baseline,
+    )
+
+
+def test_empty_responses_are_dropped(fake: FakeService, url: str, tmp_path: Path) -> None:
+    path = tmp_path / "baselines.jsonl"
+    rows = [
+        {"prompt_id": "some", "prompt": "a", "responses": ["", "kept"]},
+        {"prompt_id": "none", "prompt": "b", "responses": [""]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    summary = push(path, url)
+
+    assert fake.store == {"some": ["kept"]}
+    assert (summary.stored, summary.failed) == (1, 1)
+    assert summary.failures[0].prompt_id == "none"
+
+
+def test_the_token_is_sent(tmp_path: Path, baselines: Path) -> None:
+    seen: list[str | None] = []
+    app = FastAPI()
+
+    @app.put("/v1/baselines")
+    async def put_baselines(request: Request) -> JSONResponse:
+        seen.append(request.headers.get("authorization"))
+        body = await request.json()
+        return JSONResponse(FakeService().answer(body, unstored=False).model_dump())
+
+    with serving(app, free_port()) as base:
+        push(baselines, base, token="s3cret")
+    assert seen == ["Bearer s3cret"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["missing.jsonl", "--url", "http://127.0.0.1:1"], "is not a file"),
+        (["FILE", "--url", "127.0.0.1:8000"], "bad --url"),
+        (["FILE", "--url", "ftp://host"], "bad --url"),
+        (["FILE", "--url", "http://127.0.0.1:1", "--chunk-prompts", "0"], "chunk_prompts"),
+    ],
+)
+def test_usage_errors_exit_2(
+    baselines: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    argv = ["push-baselines", *[str(baselines) if a == "FILE" else a for a in args]]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_bad_line_is_refused_before_anything_is_sent(
+    fake: FakeService, url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "baselines.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + '\n{"prompt": "x", "responses": "no"}\n')
+
+    assert main(["push-baselines", str(path), "--url", url, "--quiet"]) == 2
+    assert f"{path}:2: 'responses' must be" in capsys.readouterr().err
+    assert fake.calls == []
