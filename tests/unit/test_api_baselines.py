@@ -10,6 +10,8 @@ import httpx
 import numpy as np
 import pytest
 
+from service.baselines.memory import MemoryBaselineStore
+from service.baselines.store import BaselineWrite, StoreUnavailable
 from tests.unit.fake_engine import FAKE_VERSION, FakeEngine, fake_reward, serve
 from tests.unit.test_api import assert_envelope, make_app, metric, run, sha256_id
 
@@ -209,5 +211,96 @@ def test_lookups_are_counted_by_source() -> None:
             text = (await client.get("/metrics")).text
         assert metric(text, "crs_baseline_lookups_total", {"source": "cache"}) == 1
         assert metric(text, "crs_baseline_lookups_total", {"source": "missing"}) == 1
+
+    run(body())
+
+
+class FailingStore(MemoryBaselineStore):
+    """A store that is down: every operation raises, and counts how often it was tried."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tries = 0
+
+    async def lookup(self, *args: Any, **kwargs: Any) -> Any:
+        self.tries += 1
+        raise StoreUnavailable("redis lookup failed: ConnectionError: refused")
+
+    async def write(self, *args: Any, **kwargs: Any) -> Any:
+        self.tries += 1
+        raise StoreUnavailable("redis write failed: ConnectionError: refused")
+
+
+def with_store(app: Any, store: MemoryBaselineStore) -> Any:
+    app.state.services.baselines.store = store
+    return app
+
+
+def test_a_store_that_is_down_gives_unavailable_and_200_then_is_left_alone() -> None:
+    async def body() -> None:
+        store = FailingStore()
+        app = with_store(make_app(FakeEngine(), store_cooldown_s=60), store)
+        async with serve(app) as client:
+            first = await score(client, [{"prompt": "P", "response": "x"}], on_missing="raw")
+            second = await score(client, [{"prompt": "P", "response": "x"}], on_missing="error")
+            text = (await client.get("/metrics")).text
+        for [result] in (first, second):
+            assert result["baseline_source"] == "unavailable"
+            assert result["reward"] == pytest.approx(0.1)
+        assert first[0]["contrastive"] == pytest.approx(0.1)  # on_missing raw
+        assert second[0]["contrastive"] is None  # unavailable is not missing: no 409
+        assert store.tries == 1  # the second request came within the cool-down
+        assert metric(text, "crs_store_skipped_total") == 1
+        assert metric(text, "crs_baseline_lookups_total", {"source": "unavailable"}) == 2
+
+    run(body())
+
+
+def test_an_upload_the_store_cannot_keep_is_503_with_the_reason() -> None:
+    async def body() -> None:
+        app = with_store(make_app(FakeEngine()), FailingStore())
+        async with serve(app) as client:
+            response = await client.put(
+                "/v1/baselines", json={"items": [{"prompt": "P", "responses": ["a"]}]}
+            )
+            error = assert_envelope(response, 503, "not_ready")
+            assert "ConnectionError" in error["message"]
+            assert response.headers["retry-after"] == "1"
+            assert_envelope(await client.get(f"/v1/baselines/{sha256_id('P')}"), 503, "not_ready")
+
+    run(body())
+
+
+def test_a_conflicting_append_is_reported_per_prompt() -> None:
+    class Racing(MemoryBaselineStore):
+        """Another writer replaces prompt P between every read and write of an append."""
+
+        races = 0
+
+        async def lookup(self, *args: Any, **kwargs: Any) -> Any:
+            found = await super().lookup(*args, **kwargs)
+            self.races += 1
+            other = BaselineWrite(
+                prompt_id=sha256_id("P"),
+                prompt="P",
+                responses=["z" * self.races],  # new responses each time: a new digest
+                version="v",
+                rewards=[0.0],
+            )
+            await super().write([other])
+            return found
+
+    async def body() -> None:
+        app = with_store(make_app(FakeEngine()), Racing())
+        async with serve(app) as client:
+            items = [{"prompt": "P", "responses": ["a"]}, {"prompt": "Q", "responses": ["b"]}]
+            await put(client, items[1:])
+            answer = await put(client, items, mode="append")
+        assert (answer["stored"], answer["failed"]) == (1, 1)
+        failed, stored = answer["results"]
+        assert failed["stored"] is False
+        assert "changed" in failed["error"]
+        assert stored["stored"] is True
+        assert stored["n"] == 2
 
     run(body())
