@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -101,14 +102,9 @@ def unique_uploads(body: BaselinesPut) -> list[Upload]:
 
 
 def stored_result(result: Uploaded) -> BaselineStored:
-    stats = result.stats
     return BaselineStored(
         prompt_id=result.prompt_id,
-        n=stats.n,
-        mean=stats.mean,
-        std=stats.std,
-        min=stats.min,
-        max=stats.max,
+        **dataclasses.asdict(result.stats),
         stored=result.stored,
         error=result.error,
     )
@@ -169,9 +165,7 @@ def stats_of(prompt_id: str, rewards: list[float] | None) -> BaselineStats | Non
     if not rewards:
         return None
     stats = contrastive.BaselineStats.of(rewards)
-    return BaselineStats(
-        prompt_id=prompt_id, n=stats.n, mean=stats.mean, std=stats.std, min=stats.min, max=stats.max
-    )
+    return BaselineStats(prompt_id=prompt_id, **dataclasses.asdict(stats))
 
 
 @contextlib.contextmanager
