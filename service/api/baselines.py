@@ -110,7 +110,7 @@ def stored_result(result: Uploaded) -> BaselineStored:
     )
 
 
-@router.get("/v1/baselines/{prompt_id}")
+@router.get("/v1/baselines/{prompt_id:path}")
 async def get_baseline(prompt_id: str, engine: EngineDep, services: ServicesDep) -> BaselineRecord:
     """A stored prompt's responses, and their rewards under the active model (null when it has
     not scored them yet; any rewards request for the prompt computes them)."""
@@ -129,7 +129,7 @@ async def get_baseline(prompt_id: str, engine: EngineDep, services: ServicesDep)
     )
 
 
-@router.delete("/v1/baselines/{prompt_id}")
+@router.delete("/v1/baselines/{prompt_id:path}")
 async def delete_baseline(prompt_id: str, services: ServicesDep) -> BaselineDeleted:
     """Forget a prompt's responses (and with them every version's rewards)."""
     with store_errors():

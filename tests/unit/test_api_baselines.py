@@ -5,6 +5,7 @@ compute independently, with numpy."""
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -302,5 +303,19 @@ def test_a_conflicting_append_is_reported_per_prompt() -> None:
         assert "changed" in failed["error"]
         assert stored["stored"] is True
         assert stored["n"] == 2
+
+    run(body())
+
+
+@pytest.mark.parametrize("given", ["with/slash", "sha256:abc", "ünï code", "a?b#c"])
+def test_any_client_prompt_id_can_be_read_and_deleted(given: str) -> None:
+    async def body() -> None:
+        async with serve(make_app(FakeEngine())) as client:
+            await put(client, [{"prompt": "P", "prompt_id": given, "responses": ["a"]}])
+            path = f"/v1/baselines/{quote(given, safe='')}"
+            record = await client.get(path)
+            assert record.status_code == 200, record.text
+            assert record.json()["prompt_id"] == given
+            assert (await client.delete(path)).json() == {"prompt_id": given, "deleted": True}
 
     run(body())
