@@ -1,4 +1,5 @@
-"""`crs-trainer demo`: build a tiny reward model, serve it, and score a few pairs over HTTP."""
+"""`crs-trainer demo`: build a tiny reward model, serve it, push baseline responses for the demo
+prompts, and score a few pairs over HTTP: raw, baseline and contrastive rewards."""
 
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ DEMO_ITEMS: list[dict[str, Any]] = [
 ]
 
 
+# What an SFT policy might have answered: each prompt's baseline (DESIGN.md 1).
+DEMO_BASELINES: list[dict[str, Any]] = [
+    {
+        "prompt": "What is the capital of France?",
+        "responses": ["Paris.", "The capital is Paris.", "France's capital is Paris, I believe."],
+    },
+    {
+        "prompt": "Write a haiku about rain.",
+        "responses": ["Rain falls / on the roof / softly", "Grey sky, wet street, calm.", "Rain."],
+    },
+]
+
+
 def build_model(model_dir: Path) -> None:
     """A tiny random reward model, built once and reused by later demo runs."""
     if (model_dir / "config.json").exists():
@@ -46,12 +60,20 @@ def run_demo(workdir: Path) -> int:
     with ServiceProcess(model_dir) as server:
         print(f"starting crs-service on {server.url} ...")
         server.wait_ready()
+        pushed = httpx.put(f"{server.url}/v1/baselines", json={"items": DEMO_BASELINES}, timeout=60)
+        pushed.raise_for_status()
         response = httpx.post(f"{server.url}/v1/rewards", json={"items": DEMO_ITEMS}, timeout=60)
         response.raise_for_status()
         body = response.json()
-    print(f"\nmodel {body['model']['version']} (random weights: the numbers mean nothing yet)\n")
-    print(f"{'prompt':<32} {'response':<28} {'reward':>9} {'tokens':>6}")
+    print(f"\nmodel {body['model']['version']} (random weights: the numbers mean nothing yet)")
+    print(f"baselines pushed for {pushed.json()['stored']} prompts (the in-process store)\n")
+    print(f"{'prompt':<32} {'response':<28} {'reward':>8} {'baseline':>8} {'contrast':>8}  source")
     for item, result in zip(DEMO_ITEMS, body["results"], strict=True):
         prompt, answer = short(item["prompt"], 32), short(item["response"], 28)
-        print(f"{prompt:<32} {answer:<28} {result['reward']:>9.4f} {result['tokens']:>6}")
+        values = [number(result[key]) for key in ("reward", "baseline", "contrastive")]
+        print(f"{prompt:<32} {answer:<28} {' '.join(values)}  {result['baseline_source']}")
     return 0
+
+
+def number(value: float | None) -> str:
+    return f"{value:>8.4f}" if value is not None else f"{'-':>8}"
