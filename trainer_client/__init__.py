@@ -1,5 +1,73 @@
-"""Client side of crs: what PPO trainers install. Never imports torch or the service."""
+"""Client side of crs: what PPO trainers install. Never imports torch or the service.
+
+The reward client is imported on first use (``from trainer_client import RewardClient``):
+the service imports ``trainer_client.prompt_id``, and its install need not carry httpx.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from trainer_client.prompt_id import canonical_prompt, prompt_id
 
-__all__ = ["canonical_prompt", "prompt_id"]
+if TYPE_CHECKING:
+    from trainer_client.client import (
+        AsyncRewardClient,
+        EndpointNotFound,
+        RewardClient,
+        RewardServiceError,
+    )
+    from trainer_client.retry import RetryPolicy
+    from trainer_client.wire import (
+        BaselineItem,
+        BaselinesPushResult,
+        BaselineStored,
+        Item,
+        ModelInfo,
+        ModelRef,
+        ModelsInfo,
+        RewardResult,
+    )
+
+# Public name -> the module that defines it, imported when the name is first looked up.
+_LAZY = {
+    "AsyncRewardClient": "trainer_client.client",
+    "RewardClient": "trainer_client.client",
+    "RewardServiceError": "trainer_client.client",
+    "EndpointNotFound": "trainer_client.client",
+    "RetryPolicy": "trainer_client.retry",
+    "BaselineItem": "trainer_client.wire",
+    "BaselineStored": "trainer_client.wire",
+    "BaselinesPushResult": "trainer_client.wire",
+    "Item": "trainer_client.wire",
+    "ModelInfo": "trainer_client.wire",
+    "ModelRef": "trainer_client.wire",
+    "ModelsInfo": "trainer_client.wire",
+    "RewardResult": "trainer_client.wire",
+}
+
+__all__ = [
+    "AsyncRewardClient",
+    "BaselineItem",
+    "BaselineStored",
+    "BaselinesPushResult",
+    "EndpointNotFound",
+    "Item",
+    "ModelInfo",
+    "ModelRef",
+    "ModelsInfo",
+    "RetryPolicy",
+    "RewardClient",
+    "RewardResult",
+    "RewardServiceError",
+    "canonical_prompt",
+    "prompt_id",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'trainer_client' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,6 +1,6 @@
 """When and how long to wait before trying an HTTP request again.
 
-One policy object for every caller (``push-baselines`` now, the reward client later), so the
+One policy object for every caller (``push-baselines`` and the reward client), so the
 backoff rules live in one place: exponential backoff with full jitter, a server's
 ``Retry-After`` honoured, and only failures that cannot have changed anything retried unless
 the request is idempotent.
@@ -38,6 +38,8 @@ class RetryPolicy:
         retry_statuses: HTTP statuses worth another try.
         max_retry_after_s: a server's ``Retry-After`` is honoured up to this many seconds, so
             a misconfigured proxy cannot park the client for hours.
+        replica_cooldown_s: with several replicas, one that refused a connection or answered
+            503 is skipped this long before it is tried again (0: never skipped).
     """
 
     retries: int = 8
@@ -45,6 +47,7 @@ class RetryPolicy:
     max_s: float = 30.0
     retry_statuses: frozenset[int] = field(default=DEFAULT_RETRY_STATUSES)
     max_retry_after_s: float = 300.0
+    replica_cooldown_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.retries < 0:
@@ -55,6 +58,10 @@ class RetryPolicy:
             raise ValueError(f"max_s must be >= base_s and finite, got {self.max_s}")
         if not self.max_retry_after_s >= 0:
             raise ValueError(f"max_retry_after_s must be >= 0, got {self.max_retry_after_s}")
+        if not (self.replica_cooldown_s >= 0 and math.isfinite(self.replica_cooldown_s)):
+            raise ValueError(
+                f"replica_cooldown_s must be >= 0 and finite, got {self.replica_cooldown_s}"
+            )
 
     def backoff_cap_s(self, retry: int) -> float:
         """The upper bound of the jittered wait before retry number ``retry`` (0-based)."""

@@ -1,0 +1,141 @@
+"""The client's own models of the HTTP API's bodies (DESIGN.md 4).
+
+They mirror the service's schemas without importing them: ``trainer_client`` speaks HTTP only
+and must install without the server's dependencies. Answers ignore fields they do not know, so
+that a newer service adding one does not break an older client; inputs refuse unknown fields,
+so that a misspelt key fails here with the item's index rather than as a 422 from the server.
+Value rules (non-empty strings, known roles, aggregates) are left to the service, the one
+place that states them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Prompt = str | list[dict[str, str]]
+BaselineSource = Literal["cache", "computed", "missing", "unavailable"]
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_json(self) -> dict[str, Any]:
+        """The item as sent: optional fields left out rather than sent as null."""
+        return self.model_dump(exclude_none=True)
+
+
+class Item(_Input):
+    """One pair to score: a prompt (text or chat messages) and a response."""
+
+    prompt: Prompt
+    response: str
+    prompt_id: str | None = None
+
+
+class BaselineItem(_Input):
+    """One prompt's baseline responses, for ``PUT /v1/baselines``."""
+
+    prompt: Prompt
+    responses: list[str]
+    prompt_id: str | None = None
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ModelRef(_Answer):
+    """The model that answered: its name and version (``<name>@<digest>``)."""
+
+    name: str
+    version: str
+
+
+class RewardResult(_Answer):
+    """One item's rewards, as ``POST /v1/rewards`` answers it, plus the model version.
+
+    ``baseline``, ``contrastive`` and ``baseline_source`` are None when the request skipped
+    baselines (``contrastive=None``); ``contrastive`` is also None for a prompt without a
+    baseline under ``on_missing: null``.
+    """
+
+    reward: float
+    baseline: float | None = None
+    contrastive: float | None = None
+    baseline_n: int = 0
+    baseline_source: BaselineSource | None = None
+    tokens: int
+    truncated: bool
+    model_version: str = Field(description="the version that scored this item")
+
+
+class RewardsAnswer(_Answer):
+    """The body of a ``POST /v1/rewards`` answer (the results without their version yet)."""
+
+    model: ModelRef
+    results: list[dict[str, Any]]
+
+
+class BaselineStored(_Answer):
+    """One uploaded prompt: the statistics of its baseline rewards, and whether it was kept."""
+
+    prompt_id: str
+    n: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    stored: bool
+    error: str | None = None
+    model_version: str = Field(description="the version that scored this prompt's responses")
+
+
+class BaselinesPutAnswer(_Answer):
+    """The body of a ``PUT /v1/baselines`` answer (one request's)."""
+
+    model: ModelRef
+    stored: int
+    failed: int
+    results: list[dict[str, Any]]
+
+
+class BaselinesPushResult(_Answer):
+    """The answer to a whole ``push_baselines`` call, over all of its requests.
+
+    ``results`` are in the order of the items given. ``model`` answered the request of the
+    last items (None when there were none, and nothing was sent); each result names its own
+    version, which differs from it only if the active model was swapped during the upload.
+    """
+
+    model: ModelRef | None
+    stored: int
+    failed: int
+    results: list[BaselineStored]
+
+
+class ModelInfo(_Answer):
+    """One model the service knows of (``GET /v1/models``)."""
+
+    name: str
+    version: str
+    path: str | None = None
+    state: str = Field(description="loading | ready | active | draining | failed")
+    error: str | None = None
+
+
+class ModelsInfo(_Answer):
+    """The service's active model version and every model it has loaded."""
+
+    active: str | None = None
+    models: list[ModelInfo]
+
+    @field_validator("active", mode="before")
+    @classmethod
+    def _version_of(cls, value: Any) -> Any:
+        # DESIGN.md leaves open whether "active" is a version or a {name, version} object:
+        # take either, and keep the version.
+        if isinstance(value, dict):
+            return value.get("version")
+        return value
