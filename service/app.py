@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 
 from service import __version__
-from service.api import baselines, health, rewards
+from service.api import baselines, compat, health, rewards
 from service.api.deps import Services
 from service.api.errors import install_error_handlers
 from service.api.openapi import with_body_schemas
-from service.api.schemas import BaselinesPut, RewardsRequest
+from service.api.schemas import BaselinesPut, GetRewardRequest, RewardsRequest
 from service.baselines.service import BaselineService, open_store
 from service.metrics import Metrics, MetricsMiddleware
 from service.scoring.engine import HFRewardEngine, RewardEngine
@@ -74,8 +74,9 @@ def create_app(
     app.include_router(health.router)
     app.include_router(rewards.router)
     app.include_router(baselines.router)
+    app.include_router(compat.router)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)
-    app.openapi = with_body_schemas(app, [RewardsRequest, BaselinesPut])  # type: ignore[method-assign]
+    app.openapi = with_body_schemas(app, [RewardsRequest, BaselinesPut, GetRewardRequest])  # type: ignore[method-assign]
     return app
 
 

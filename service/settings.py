@@ -78,6 +78,11 @@ class Settings(BaseSettings):
         default=1e-3, gt=0, description="normalize=std never divides by less"
     )
 
+    get_reward_on_missing: Literal["raw", "zero"] = Field(
+        default="raw",
+        description="POST /get_reward: the reward of an item whose prompt has no baseline",
+    )
+
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)

@@ -154,3 +154,22 @@ class BaselinesSummary(BaseModel):
 class BaselineDeleted(BaseModel):
     prompt_id: str
     deleted: bool
+
+
+# --- compatibility (DESIGN.md 4, "Compatibility") ----------------------------------------------
+
+
+class GetRewardRequest(BaseModel):
+    """OpenRLHF's remote reward model request. Unknown keys are ignored: trainers add their own."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    query: list[Annotated[str, Field(strict=True)]]
+    prompts: list[Annotated[str, Field(strict=True)]] | None = None
+    labels: list[object] | None = None
+
+
+class GetRewardResponse(BaseModel):
+    rewards: list[float]
+    scores: list[float]
+    extra_logs: dict[str, list[float]]

@@ -138,7 +138,9 @@ class BaselineService:
         future: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
         self._computing[key] = future
         try:
-            rewards = await score(pairs(prompt, stored.responses))
+            # The stored prompt is the one the responses answer (a /get_reward prompt is the
+            # formatted text, which the model's template must not wrap again).
+            rewards = await score(pairs(stored.prompt or prompt, stored.responses))
             future.set_result(rewards)
         except BaseException as exc:
             future.set_exception(exc)

@@ -64,6 +64,8 @@ class Formatter:
         ]
 
     def _tokenize(self, items: Sequence[RewardInput]) -> tuple[list[list[int]], list[list[int]]]:
+        if any(item.text is not None for item in items):
+            return self._tokenize_texts(items), []
         if self.input_format == "chat":
             texts = [
                 self.tokenizer.apply_chat_template(
@@ -81,6 +83,17 @@ class Formatter:
             return_token_type_ids=self._with_token_types,
         )
         return batch["input_ids"], batch.get("token_type_ids") or []
+
+    def _tokenize_texts(self, items: Sequence[RewardInput]) -> list[list[int]]:
+        """Already formatted inputs, one sequence each. A chat template wrote its own special
+        tokens into the text; other models get theirs added (CLS ... SEP)."""
+        if any(item.text is None for item in items):
+            raise ValueError("a batch mixes formatted texts and (prompt, response) pairs")
+        texts = [item.text or "" for item in items]
+        add_special = self.input_format != "chat"
+        batch = self.tokenizer(texts, add_special_tokens=add_special, return_token_type_ids=False)
+        ids: list[list[int]] = batch["input_ids"]
+        return ids
 
     def _fit(self, ids: list[int], types: list[int] | None) -> Encoded:
         # Left truncation keeps the leading special tokens (BOS/CLS) and the end of the input:

@@ -13,10 +13,13 @@ ResolvedFormat = Literal["chat", "pair"]
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RewardInput:
-    """One (prompt, response) pair to score."""
+    """One (prompt, response) pair to score. With ``text``, the input is already formatted
+    (OpenRLHF sends prompt + response with the chat template applied): it is tokenized as it
+    is, and prompt and response only identify it."""
 
     prompt: Prompt
     response: str
+    text: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
