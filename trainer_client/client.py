@@ -34,6 +34,7 @@ from trainer_client.wire import (
     BaselineStored,
     Item,
     ModelsInfo,
+    OpenRLHFRewards,
     RewardResult,
     RewardsAnswer,
 )
@@ -253,6 +254,32 @@ class AsyncRewardClient:
             failed=sum(answer.failed for answer in answers),
             results=[result for answer in answers for result in answer.results],
         )
+
+    async def get_reward(
+        self, queries: Sequence[str], prompts: Sequence[str] | None = None
+    ) -> OpenRLHFRewards:
+        """OpenRLHF's protocol (``POST /get_reward``): formatted queries (prompt + response with
+        the chat template applied), each with its formatted prompt; sent in chunks of
+        ``chunk_size``, retried like scoring, reassembled in order."""
+        if prompts is not None and len(prompts) != len(queries):
+            raise ValueError(f"{len(prompts)} prompts for {len(queries)} queries")
+        spans = _spans(len(queries), self.chunk_size)
+        answers = await _all_or_none(
+            self._get_reward_chunk(queries[a:b], prompts[a:b] if prompts else None, a)
+            for a, b in spans
+        )
+        return OpenRLHFRewards.joined(answers)
+
+    async def _get_reward_chunk(
+        self, queries: Sequence[str], prompts: Sequence[str] | None, offset: int
+    ) -> OpenRLHFRewards:
+        body: dict[str, Any] = {"query": list(queries)}
+        if prompts is not None:
+            body["prompts"] = list(prompts)
+        response = await self._send("POST", "/get_reward", body, idempotent=True, offset=offset)
+        answer = _parse(OpenRLHFRewards, response, offset)
+        _check_count(len(answer.rewards), len(queries), response, offset)
+        return answer
 
     async def models(self) -> ModelsInfo:
         """The active model version and every loaded model (``GET /v1/models``).
@@ -520,6 +547,12 @@ class RewardClient:
     ) -> BaselinesPushResult:
         """See ``AsyncRewardClient.push_baselines``."""
         return self._loop.run(self._client.push_baselines(list(items), mode))
+
+    def get_reward(
+        self, queries: Sequence[str], prompts: Sequence[str] | None = None
+    ) -> OpenRLHFRewards:
+        """``AsyncRewardClient.get_reward``, blocking."""
+        return self._loop.run(self._client.get_reward(queries, prompts))
 
     def models(self) -> ModelsInfo:
         """See ``AsyncRewardClient.models``."""

@@ -10,6 +10,7 @@ place that states them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -139,3 +140,23 @@ class ModelsInfo(_Answer):
         if isinstance(value, dict):
             return value.get("version")
         return value
+
+
+class OpenRLHFRewards(_Answer):
+    """The answer of ``POST /get_reward`` (OpenRLHF's protocol): what PPO optimises
+    (``rewards``: contrastive where a baseline exists), the raw ``scores``, and numeric
+    ``extra_logs`` columns, all as long as the queries."""
+
+    rewards: list[float]
+    scores: list[float]
+    extra_logs: dict[str, list[float]]
+
+    @classmethod
+    def joined(cls, parts: Sequence[OpenRLHFRewards]) -> OpenRLHFRewards:
+        """Answers of consecutive chunks, as one."""
+        keys = parts[0].extra_logs if parts else {}
+        return cls(
+            rewards=[r for part in parts for r in part.rewards],
+            scores=[s for part in parts for s in part.scores],
+            extra_logs={k: [v for part in parts for v in part.extra_logs[k]] for k in keys},
+        )

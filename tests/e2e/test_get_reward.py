@@ -131,3 +131,35 @@ def test_bad_requests_get_the_envelope(
     response = httpx.post(f"{served[0].url}/get_reward", json=body, timeout=60)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["type"] == "validation_error"
+
+
+def test_the_client_chunks_get_reward_and_keeps_the_order(
+    served: tuple[ServiceProcess, list[str], list[str]],
+) -> None:
+    from trainer_client import RewardClient
+
+    server, prompts, queries = served
+    whole = get_reward(server, {"query": queries, "prompts": prompts})
+    with RewardClient(server.url, chunk_size=1, max_concurrency=3) as client:
+        chunked = client.get_reward(queries, prompts)
+    assert chunked.rewards == pytest.approx(whole["rewards"], abs=1e-6)
+    assert chunked.scores == pytest.approx(whole["scores"], abs=1e-6)
+    assert set(chunked.extra_logs) == set(whole["extra_logs"])
+    assert chunked.extra_logs["baseline_cache"] == [1.0, 0.0, 0.0]
+
+
+def test_openrlhf_reward_func_file_returns_tensors(
+    served: tuple[ServiceProcess, list[str], list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainer_client.adapters import openrlhf
+
+    server, prompts, queries = served
+    monkeypatch.setenv("CRS_URL", server.url)
+    out = openrlhf.reward_func(queries, prompts, ["", "", ""])
+    whole = get_reward(server, {"query": queries, "prompts": prompts})
+    assert out["rewards"].tolist() == pytest.approx(whole["rewards"], abs=1e-5)
+    assert out["scores"].tolist() == pytest.approx(whole["scores"], abs=1e-5)
+    assert out["extra_logs"]["baseline_cache"].tolist() == [1.0, 0.0, 0.0]
+    monkeypatch.delenv("CRS_URL")
+    with pytest.raises(RuntimeError, match="CRS_URL"):
+        openrlhf.reward_func(queries, prompts, None)
