@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=Path(".crs/demo"))
     _add_sample_parser(commands)
     _add_push_parser(commands)
+    _add_tiny_policy_parser(commands)
     return parser
 
 
@@ -69,6 +70,21 @@ def _add_push_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     push.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_tiny_policy_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    tiny = commands.add_parser(
+        "tiny-policy",
+        help="write a tiny random causal LM with a chat template (a stand-in SFT policy)",
+        description="Write a small random-weight LlamaForCausalLM and a real tokenizer with a "
+        "chat template into DIR, saved like any Hugging Face model. Without --tokenizer, the "
+        "tokenizer of `python -m service tiny-model` is used (needs the server extra).",
+    )
+    tiny.add_argument("dir", type=Path, help="target directory (created; must be empty)")
+    tiny.add_argument("--tokenizer", type=Path, help="model directory to take the tokenizer from")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `crs-trainer`."""
     args = build_parser().parse_args(argv)
@@ -78,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_sample(args)
     if args.command == "push-baselines":
         return run_push(args)
+    if args.command == "tiny-policy":
+        return run_tiny_policy(args)
     from trainer_client.demo import run_demo
 
     return run_demo(args.workdir)
@@ -145,6 +163,20 @@ def run_push(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
     print(summary.line())
     return EXIT_OK if summary.failed == 0 else EXIT_FAILED
+
+
+def run_tiny_policy(args: argparse.Namespace) -> int:
+    """`crs-trainer tiny-policy`."""
+    from trainer_client.tiny_policy import TinyPolicyError, build_tiny_policy
+
+    if args.tokenizer is not None and not args.tokenizer.is_dir():
+        return _usage(f"--tokenizer {args.tokenizer} is not a directory")
+    try:
+        out = build_tiny_policy(args.dir, tokenizer_dir=args.tokenizer, seed=args.seed)
+    except TinyPolicyError as error:
+        return _usage(str(error))
+    print(f"tiny policy written to {out}")
+    return EXIT_OK
 
 
 def _usage(message: str) -> int:

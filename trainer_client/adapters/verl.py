@@ -1,0 +1,204 @@
+"""verl glue: crs rewards as a verl custom reward function.
+
+verl loads ``custom_reward_function.name`` from the file at ``custom_reward_function.path``
+and calls it once per response with ``data_source, solution_str, ground_truth, extra_info``,
+plus ``custom_reward_function.reward_kwargs``. It has no access to the prompt text, so the
+dataset carries it in ``extra_info``:
+
+- ``extra_info["prompt"]``: the prompt, a string or chat messages ``[{"role", "content"}]``
+  (required; the same prompt the baselines were pushed for, or the same ``prompt_id``);
+- ``extra_info["prompt_id"]``: optional, the baselines' prompt id.
+
+``data_source`` and ``ground_truth`` are not used: the reward model judges the response.
+
+Options come from ``reward_kwargs``: ``url`` (else ``$CRS_URL``; a list, or a comma-separated
+string, for replicas), ``use`` (``contrastive`` | ``raw``), ``aggregate``, ``normalize``,
+``on_missing`` (``raw`` | ``error``), ``truncation`` (``left``, the default, | ``none``) and
+``max_concurrency`` (requests in flight per worker; verl's reward loop scores every response
+of a batch at once, and the service merges concurrent requests into its batches). The bearer
+token comes from ``$CRS_API_TOKEN`` only, never from a config file.
+
+``compute_score`` is a coroutine function, for verl's reward loop (which awaits async reward
+functions and runs many at once); ``compute_score_sync`` is the same for verl's older,
+synchronous reward managers. Both return ``{"score", "raw_reward", "baseline"}``; verl takes
+``score`` as the reward and logs the others (``baseline`` is NaN where there was none). A
+request that fails after the client's retries raises: verl has no "no reward" value, and a
+made-up number would train the policy on it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from trainer_client.adapters.common import (
+    LoopClients,
+    as_prompt,
+    as_response,
+    check_choice,
+    contrastive_options,
+    optional_id,
+)
+from trainer_client.client import AsyncRewardClient, RewardClient, Truncation
+from trainer_client.wire import Item, RewardResult
+
+URL_ENV = "CRS_URL"
+TOKEN_ENV = "CRS_API_TOKEN"
+
+# verl calls a plain function, so the clients cannot live in an object of the caller's: they
+# are kept here, made on first use, one per event loop (async) or process (sync) and service.
+_ASYNC_CLIENTS = LoopClients()
+_SYNC_CLIENTS: dict[tuple[Any, ...], RewardClient] = {}
+_SYNC_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerlOptions:
+    """What one call asks of the service, from ``reward_kwargs`` and the environment."""
+
+    urls: tuple[str, ...]
+    token: str | None
+    use: str = "contrastive"
+    aggregate: str = "mean"
+    normalize: str = "none"
+    on_missing: str = "raw"
+    # Left: an over-long pair is cut rather than refused, which would stop training.
+    truncation: Truncation | None = "left"
+    max_concurrency: int = 32
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            raise ValueError(f"no crs URL: set reward_kwargs.url or ${URL_ENV}")
+        # verl needs a number for every response: a missing contrastive reward cannot be None.
+        check_choice("on_missing", self.on_missing, ("raw", "error"))
+        if self.truncation is not None:
+            check_choice("truncation", self.truncation, ("none", "left"))
+        contrastive_options(self.use, self.aggregate, self.normalize, self.on_missing)
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> VerlOptions:
+        """Options from a call's keyword arguments; keys verl adds itself are ignored."""
+        return cls(
+            urls=tuple(replicas(kwargs.get("url") or os.environ.get(URL_ENV, ""))),
+            token=os.environ.get(TOKEN_ENV) or None,
+            **{key: kwargs[key] for key in _OPTION_KEYS if kwargs.get(key) is not None},
+        )
+
+    @property
+    def client_key(self) -> tuple[Any, ...]:
+        """What tells one service connection from another: calls that agree share a client."""
+        return (self.urls, self.token, self.max_concurrency)
+
+    @property
+    def client_args(self) -> dict[str, Any]:
+        """Keyword arguments of the client for these options."""
+        return {
+            "urls": list(self.urls),
+            "token": self.token,
+            "max_concurrency": self.max_concurrency,
+        }
+
+    @property
+    def contrastive(self) -> dict[str, str] | None:
+        """The request's ``contrastive`` field."""
+        return contrastive_options(self.use, self.aggregate, self.normalize, self.on_missing)
+
+
+_OPTION_KEYS = ("use", "aggregate", "normalize", "on_missing", "truncation", "max_concurrency")
+
+
+def replicas(url: str | Sequence[str]) -> list[str]:
+    """The base URLs in ``url``: one URL, a comma-separated string of them, or a list."""
+    urls = url.split(",") if isinstance(url, str) else list(url)
+    return [u.strip() for u in urls if u.strip()]
+
+
+async def compute_score(
+    data_source: Any,
+    solution_str: str,
+    ground_truth: Any,
+    extra_info: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> dict[str, float]:
+    """The crs reward of ``solution_str`` for the prompt in ``extra_info`` (verl reward loop).
+
+    Returns:
+        ``{"score": contrastive or raw reward, "raw_reward": ..., "baseline": ... or NaN}``.
+
+    Raises:
+        ValueError: no prompt in ``extra_info``, no URL, or an unknown option.
+        RewardServiceError: the service refused, or could not be reached after retries.
+    """
+    options = VerlOptions.from_kwargs(kwargs)
+    item = item_of(solution_str, extra_info)
+    client = _ASYNC_CLIENTS.get(
+        options.client_key, lambda: AsyncRewardClient(**options.client_args)
+    )
+    [result] = await client.score([item], options.contrastive, options.truncation)
+    return score_of(result, options.use)
+
+
+def compute_score_sync(
+    data_source: Any,
+    solution_str: str,
+    ground_truth: Any,
+    extra_info: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> dict[str, float]:
+    """``compute_score`` for verl's synchronous reward managers (they do not await)."""
+    options = VerlOptions.from_kwargs(kwargs)
+    item = item_of(solution_str, extra_info)
+    [result] = _sync_client(options).score([item], options.contrastive, options.truncation)
+    return score_of(result, options.use)
+
+
+async def aclose_clients() -> None:
+    """Close the clients ``compute_score`` made on the running event loop (e.g. at the end of
+    a run; verl itself never closes them, and a process exit does as well)."""
+    await _ASYNC_CLIENTS.aclose()
+
+
+def close_sync_clients() -> None:
+    """Close the clients ``compute_score_sync`` made in this process."""
+    with _SYNC_LOCK:
+        clients = [c for key, c in _SYNC_CLIENTS.items() if key[0] == os.getpid()]
+        _SYNC_CLIENTS.clear()
+    for client in clients:
+        client.close()
+
+
+def item_of(solution_str: str, extra_info: Mapping[str, Any] | None) -> Item:
+    """The item to score: the prompt (and prompt id) from ``extra_info``, the response."""
+    if not extra_info or extra_info.get("prompt") is None:
+        raise ValueError(
+            'crs needs the prompt: put it in the dataset\'s extra_info["prompt"] '
+            "(a string or chat messages)"
+        )
+    return Item(
+        prompt=as_prompt(extra_info["prompt"]),
+        response=as_response(solution_str),
+        prompt_id=optional_id(extra_info.get("prompt_id")),
+    )
+
+
+def score_of(result: RewardResult, use: str) -> dict[str, float]:
+    """verl's result dict; NaN stands for "no baseline" (verl stacks these into arrays)."""
+    score = result.reward if use == "raw" else result.contrastive
+    if score is None:  # not under on_missing raw or error, which VerlOptions insists on
+        raise ValueError(f"the service gave no contrastive reward ({result.baseline_source})")
+    baseline = math.nan if result.baseline is None else result.baseline
+    return {"score": score, "raw_reward": result.reward, "baseline": baseline}
+
+
+def _sync_client(options: VerlOptions) -> RewardClient:
+    # Keyed by process id too: a client's thread does not survive a fork into a worker pool.
+    key = (os.getpid(), *options.client_key)
+    with _SYNC_LOCK:
+        client = _SYNC_CLIENTS.get(key)
+        if client is None:
+            client = _SYNC_CLIENTS[key] = RewardClient(**options.client_args)
+        return client
