@@ -82,25 +82,10 @@ class DirectScorer:
 
 
 def save_tiny_policy(tokenizer: Any, out: Path) -> Path:
-    """A tiny random llama causal LM (an SFT policy) with ``tokenizer``, saved to ``out``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A tiny random llama causal LM (an SFT policy) with ``tokenizer`` as it is (with or
+    without a chat template), saved to ``out``."""
+    from trainer_client.tiny_policy import random_llama
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    model.save_pretrained(out)
+    random_llama(tokenizer, seed=0).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -55,7 +55,7 @@ def build_tiny_policy(out_dir: Path, *, tokenizer_dir: Path | None = None, seed:
         with tempfile.TemporaryDirectory(prefix="crs-tiny-policy-") as scratch:
             tokenizer = load_tokenizer(_build_reward_model(Path(scratch) / "rm"))
     _complete_tokenizer(tokenizer)
-    model = _random_llama(tokenizer, seed)
+    model = random_llama(tokenizer, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -102,7 +102,8 @@ def _complete_tokenizer(tokenizer: Any) -> None:
         tokenizer.chat_template = CHAT_TEMPLATE
 
 
-def _random_llama(tokenizer: Any, seed: int) -> Any:
+def random_llama(tokenizer: Any, seed: int) -> Any:
+    """A small random LlamaForCausalLM for ``tokenizer``, the same for the same ``seed``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
