@@ -22,9 +22,8 @@ from service.api.deps import EngineDep, ServicesDep, parse_body
 from service.api.disconnect import unless_disconnected
 from service.api.errors import ServiceError
 from service.api.openapi import json_body
-from service.api.rewards import baseline_scorer, engine_errors
+from service.api.rewards import baseline_scorer, engine_errors, reference
 from service.api.schemas import GetRewardRequest, GetRewardResponse
-from service.baselines.contrastive import aggregate
 from service.baselines.service import Baseline
 from service.scoring.engine import RewardEngine
 from service.scoring.types import RewardInput
@@ -85,10 +84,9 @@ async def score_queries(engine: RewardEngine, inputs: list[RewardInput]) -> list
 def answer(raw: list[float], baselines: list[Baseline], on_missing: str) -> GetRewardResponse:
     rewards, base = [], []
     for reward, baseline in zip(raw, baselines, strict=True):
-        if baseline.rewards:
-            mean = aggregate(baseline.rewards, "mean")
-            rewards.append(reward - mean)
-            base.append(mean)
+        if (ref := reference(baseline, "mean")) is not None:
+            rewards.append(reward - ref.value)
+            base.append(ref.value)
         else:
             rewards.append(reward if on_missing == "raw" else 0.0)
             base.append(0.0)

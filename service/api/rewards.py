@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -16,6 +17,7 @@ from service.api.disconnect import unless_disconnected
 from service.api.errors import ServiceError
 from service.api.openapi import json_body
 from service.api.schemas import (
+    BaselineSource,
     ContrastiveOptions,
     ModelRef,
     RewardItem,
@@ -95,12 +97,30 @@ async def contrastive_results(
         )
     floor = services.settings.baseline_std_floor
     lookups = services.metrics.baseline_lookups
+    # Once per prompt: the n responses of one prompt often come in one request.
+    references = {pid: reference(b, options.aggregate) for pid, b in baselines.items()}
     results = []
     for score, pid in zip(scores, prompt_ids, strict=True):
-        baseline = baselines[pid]
-        lookups.labels(baseline.source).inc()
-        results.append(with_baseline(score, baseline, options, floor))
+        source = baselines[pid].source
+        lookups.labels(source).inc()
+        results.append(with_baseline(score, source, references[pid], options, floor))
     return results
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """What a prompt's baseline rewards come to for one request."""
+
+    value: float  # the aggregate
+    std: float
+    n: int
+
+
+def reference(baseline: Baseline, how: str) -> Reference | None:
+    if not baseline.rewards:
+        return None
+    stats = BaselineStats.of(baseline.rewards)
+    return Reference(value=aggregate(baseline.rewards, how), std=stats.std, n=stats.n)
 
 
 def refuse_missing(prompt_ids: list[str], baselines: dict[str, Baseline]) -> None:
@@ -116,21 +136,24 @@ def refuse_missing(prompt_ids: list[str], baselines: dict[str, Baseline]) -> Non
 
 
 def with_baseline(
-    score: Score, baseline: Baseline, options: ContrastiveOptions, std_floor: float
+    score: Score,
+    source: BaselineSource,
+    ref: Reference | None,
+    options: ContrastiveOptions,
+    std_floor: float,
 ) -> RewardResult:
     """One result: reward, baseline and contrastive reward, or what ``on_missing`` says."""
     result = RewardResult(
         reward=score.reward,
         tokens=score.tokens,
         truncated=score.truncated,
-        baseline_source=baseline.source,
+        baseline_source=source,
     )
-    if baseline.rewards:
-        stats = BaselineStats.of(baseline.rewards)
-        result.baseline = aggregate(baseline.rewards, options.aggregate)
-        result.baseline_n = stats.n
+    if ref is not None:
+        result.baseline = ref.value
+        result.baseline_n = ref.n
         result.contrastive = contrastive(
-            score.reward, result.baseline, stats.std, options.normalize, std_floor
+            score.reward, ref.value, ref.std, options.normalize, std_floor
         )
     elif options.on_missing == "raw":
         result.contrastive = score.reward
