@@ -92,6 +92,18 @@ def fail(message: str) -> int:
     return 2
 
 
+def settings_errors(error: ValidationError) -> str:
+    """Each refused setting by its variable name and why, never its value: a refused value can
+    be a secret (a token, a URL with a password)."""
+    reasons = []
+    for item in error.errors(include_input=False, include_url=False):
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if item["loc"]:
+            message = f"CRS_{str(item['loc'][0]).upper()}: {message}"
+        reasons.append(message)
+    return "; ".join(reasons)
+
+
 def serve(args: argparse.Namespace) -> int:
     """Check the model directory, then run uvicorn until SIGTERM/SIGINT, draining gracefully."""
     from service.settings import Settings
@@ -100,7 +112,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        return fail(f"invalid settings: {exc}")
+        return fail(f"invalid settings: {settings_errors(exc)}")
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -14,12 +16,17 @@ DeviceName = Literal["auto", "cpu", "cuda"] | str
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 MiB = 1024 * 1024
+KiB = 1024
+MIN_TOKEN_CHARS = 8
+REDACTED = "***"
+QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&#]*")
 
 
 class Settings(BaseSettings):
     """Everything the service reads from its environment (``CRS_*``) or the command line."""
 
-    model_config = SettingsConfigDict(env_prefix="CRS_", extra="ignore")
+    # hide_input_in_errors: a refused value (a token, a URL with a password) is never echoed.
+    model_config = SettingsConfigDict(env_prefix="CRS_", extra="ignore", hide_input_in_errors=True)
 
     model_path: Path | None = Field(default=None, description="Hugging Face reward model directory")
     model_name: str | None = Field(default=None, description="name in the model version")
@@ -59,7 +66,9 @@ class Settings(BaseSettings):
     )
 
     redis_url: str | None = Field(
-        default=None, description="baseline store; without it, in-process (one replica only)"
+        default=None,
+        repr=False,  # it can carry a password
+        description="baseline store; without it, in-process (one replica only)",
     )
     redis_connect_timeout_s: float = Field(default=0.25, gt=0)
     redis_socket_timeout_s: float = Field(default=0.5, gt=0)
@@ -87,7 +96,27 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     api_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     admin_token: SecretStr | None = None
-    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    shutdown_timeout_s: float = Field(
+        default=130.0,
+        gt=0,
+        description="after SIGTERM, how long requests in flight may finish before a 503",
+    )
+    drain_min_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="after SIGTERM, keep answering (/readyz 503) at least this long",
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="a connection must send its request headers by then"
+    )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0, description="a request body must arrive in full by then (else 408)"
+    )
+    keep_alive_s: int = Field(default=5, ge=1, description="an idle connection closes after this")
+    max_connections: int = Field(
+        default=1024, ge=1, description="open connections; idle ones are closed beyond it"
+    )
+    max_header_bytes: int = Field(default=64 * KiB, ge=1024, description="request line + headers")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("api_tokens", mode="before")
@@ -100,7 +129,32 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_tokens(self) -> Settings:
-        for token in [*self.api_tokens, *([self.admin_token] if self.admin_token else [])]:
-            if len(token.get_secret_value()) < 8:
-                raise ValueError("tokens must be at least 8 characters long")
+        # Name the setting and the minimum, never the value: a token is a secret.
+        named = [("CRS_API_TOKENS", token) for token in self.api_tokens]
+        if self.admin_token is not None:
+            named.append(("CRS_ADMIN_TOKEN", self.admin_token))
+        for setting, token in named:
+            if len(token.get_secret_value()) < MIN_TOKEN_CHARS:
+                raise ValueError(
+                    f"{setting}: every token must be at least {MIN_TOKEN_CHARS} characters long"
+                )
         return self
+
+    def for_log(self) -> dict[str, Any]:
+        """The settings as JSON, every secret redacted: tokens and the Redis URL's password."""
+        shown = self.model_dump(mode="json")  # SecretStr fields dump as "**********"
+        if self.redis_url is not None:
+            shown["redis_url"] = redact_url(self.redis_url)
+        return shown
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its credentials replaced by ``***``: the user and password of its authority
+    (a user name can be a token) and a ``password=`` query parameter (redis-py reads one)."""
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        return REDACTED
+    if "@" in netloc:
+        url = url.replace(netloc, f"{REDACTED}@{netloc.rpartition('@')[2]}", 1)
+    return QUERY_PASSWORD.sub(rf"\g<1>{REDACTED}", url)

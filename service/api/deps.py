@@ -57,22 +57,22 @@ async def ready_engine(services: ServicesDep) -> RewardEngine:
 EngineDep = Annotated[RewardEngine, Depends(ready_engine)]
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The parsed JSON body; 413 as soon as it is known to exceed ``max_bytes``."""
+async def read_json(request: Request, max_bytes: int, timeout_s: float | None = None) -> Any:
+    """The parsed JSON body; 413 as soon as it is known to exceed ``max_bytes``, 408 when it
+    has not arrived in full within ``timeout_s`` (a stalled client must not hold a slot)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise too_large(f"body of {declared} bytes exceeds the limit of {max_bytes}")
-    chunks: list[bytes] = []
-    size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise too_large(f"body exceeds the limit of {max_bytes} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect as exc:
-        raise client_closed() from exc
-    body = b"".join(chunks)
+        async with asyncio.timeout(timeout_s):
+            body = await read_body(request, max_bytes)
+    except TimeoutError as exc:
+        raise ServiceError(
+            408,
+            f"the request body did not arrive within {timeout_s:g} s",
+            # The rest of the body may never come: the connection cannot be reused.
+            headers={"Connection": "close"},
+        ) from exc
     try:
         if len(body) < OFF_LOOP_BYTES:
             return json.loads(body)
@@ -83,6 +83,21 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         # RecursionError a deeply nested body.
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise ServiceError(422, f"body is not valid JSON: {reason}") from exc
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body, refused with 413 as soon as it exceeds ``max_bytes``."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise too_large(f"body exceeds the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        raise client_closed() from exc
+    return b"".join(chunks)
 
 
 def too_large(message: str) -> ServiceError:
@@ -102,7 +117,7 @@ def check_item_count(payload: Any, field: str, limit: int) -> None:
 
 async def parse_body(request: Request, model: type[BodyT], settings: Settings) -> BodyT:
     """Read, bound and validate a JSON body with the envelope on every failure."""
-    payload = await read_json(request, settings.max_body_bytes)
+    payload = await read_json(request, settings.max_body_bytes, settings.body_timeout_s)
     check_item_count(payload, "items", settings.max_items_per_request)
     try:
         return model.model_validate(payload)
