@@ -64,12 +64,23 @@ class Metrics:
             "lookups answered 'unavailable' without trying, in the cool-down after a failure",
             registry=r,
         )
+        self.store_corrupt_values = Counter(
+            "crs_store_corrupt",
+            "values in the baseline store crs did not write, met by an operation (wrong_type, "
+            "bad_value); each costs only its own prompt",
+            ["reason"],
+            registry=r,
+        )
 
     # The baseline store reports through this (service.baselines.redis_store.StoreObserver).
     def store_op(self, op: str, seconds: float, failed: bool) -> None:
         self.store_seconds.labels(op).observe(seconds)
         if failed:
             self.store_errors.labels(op).inc()
+
+    # ... and this (service.baselines.redis_store.CorruptionObserver).
+    def store_corrupt(self, reason: str) -> None:
+        self.store_corrupt_values.labels(reason).inc()
 
     def _batch_metrics(self, r: CollectorRegistry) -> None:
         self.queue_items = Gauge("crs_queue_items", "items waiting for a batch", registry=r)

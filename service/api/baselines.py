@@ -26,7 +26,7 @@ from service.api.schemas import (
 )
 from service.baselines import contrastive
 from service.baselines.service import Upload, Uploaded
-from service.baselines.store import StoreUnavailable
+from service.baselines.store import StoreFull, StoreUnavailable
 from service.scoring.engine import RewardEngine
 from trainer_client.prompt_id import prompt_id
 
@@ -46,8 +46,11 @@ async def put_baselines(
 ) -> BaselinesPutResponse:
     """Score each prompt's responses with the active model and store them with their rewards.
 
-    ``replace`` (default) is idempotent. A store failure marks only the prompts it hit
-    (``"stored": false`` with the reason); when nothing could be stored the answer is 503."""
+    ``replace`` (default) is idempotent; an ``append`` with an ``upload_id`` is applied once
+    however often it is sent. Each prompt says whether the store holds it (``"stored"``, exactly
+    what Redis holds, also after a lost reply) and else why (``error_type``). When nothing was
+    stored the whole answer is an error: 503 with Retry-After when a retry can help, 507
+    ``store_full`` when Redis is out of memory, 409 ``corrupt_entry``."""
     responses = sum(len(item.responses) for item in body.items)
     if responses > (limit := services.settings.max_items_per_request):
         raise ServiceError(
@@ -63,17 +66,40 @@ async def put_baselines(
         uploads, body.mode, info.version, baseline_scorer(engine, truncation)
     )
     stored = sum(result.stored for result in done)
+    results = [stored_result(result) for result in done]
     if done and not stored:
-        raise ServiceError(
-            503,
-            f"the baseline store kept none of {len(done)} prompt(s): {done[0].error}",
-            headers={"Retry-After": "1"},
-        )
+        raise nothing_stored(results)
     return BaselinesPutResponse(
         model=ModelRef(name=info.name, version=info.version),
         stored=stored,
         failed=len(done) - stored,
-        results=[stored_result(result) for result in done],
+        results=results,
+    )
+
+
+# When no prompt was stored: the status of the most hopeful failure (a retry that can work
+# first), so a client retries exactly when it may help.
+NOTHING_STORED: list[tuple[str, int, dict[str, str] | None]] = [
+    ("not_ready", 503, {"Retry-After": "1"}),
+    ("conflict", 503, {"Retry-After": "1"}),
+    ("store_full", 507, None),
+    ("corrupt_entry", 409, None),
+]
+
+
+def nothing_stored(results: list[BaselineStored]) -> ServiceError:
+    """The error of an upload of which the store kept no prompt; details list each prompt."""
+    kinds = {result.error_type for result in results}
+    error_type, status, headers = next(
+        (entry for entry in NOTHING_STORED if entry[0] in kinds), NOTHING_STORED[0]
+    )
+    first = next(result for result in results if result.error_type == error_type)
+    return ServiceError(
+        status,
+        f"the baseline store kept none of {len(results)} prompt(s): {first.error}",
+        error_type="not_ready" if status == 503 else error_type,
+        details={"results": [result.model_dump() for result in results]},
+        headers=headers,
     )
 
 
@@ -85,6 +111,7 @@ def unique_uploads(body: BaselinesPut) -> list[Upload]:
             prompt_id=prompt_id(item.prompt_value(), item.prompt_id),
             prompt=item.prompt_value(),
             responses=list(item.responses),
+            upload_id=item.upload_id,
         )
         for item in body.items
     ]
@@ -107,6 +134,9 @@ def stored_result(result: Uploaded) -> BaselineStored:
         **dataclasses.asdict(result.stats),
         stored=result.stored,
         error=result.error,
+        error_type=result.error_type,
+        duplicate=result.duplicate,
+        upload_id=result.upload_id,
     )
 
 
@@ -118,6 +148,12 @@ async def get_baseline(prompt_id: str, engine: EngineDep, services: ServicesDep)
     with store_errors():
         found = await services.baselines.store.lookup([prompt_id], version, with_responses=True)
     stored = found.get(prompt_id)
+    if stored is not None and stored.corrupt:
+        raise ServiceError(
+            404,
+            f"prompt {prompt_id}'s stored value was not written by crs and cannot be read; "
+            "DELETE it, then upload it again",
+        )
     if stored is None or stored.responses is None:
         raise ServiceError(404, f"no baseline stored for prompt {prompt_id}")
     return BaselineRecord(
@@ -173,5 +209,7 @@ def store_errors() -> Iterator[None]:
     """A store failure as 503 with the envelope (reads and deletes have nothing to degrade to)."""
     try:
         yield
+    except StoreFull as exc:
+        raise ServiceError(507, str(exc)) from exc
     except StoreUnavailable as exc:
         raise ServiceError(503, str(exc), headers={"Retry-After": "1"}) from exc

@@ -25,6 +25,7 @@ ERROR_TYPES: dict[int, str] = {
     429: "overloaded",
     503: "not_ready",
     504: "timeout",
+    507: "store_full",
     500: "internal",
 }
 

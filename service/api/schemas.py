@@ -89,10 +89,19 @@ class RewardsResponse(BaseModel):
 # --- baselines (DESIGN.md 4, "Baselines") ------------------------------------------------------
 
 
+# 1-128 printable ASCII characters, chosen by the client per prompt and upload batch.
+UploadId = Annotated[str, StringConstraints(pattern=r"^[\x20-\x7e]{1,128}$"), Field(strict=True)]
+
+
 class BaselineItem(StrictBody):
     prompt: NonEmpty | Annotated[list[ChatMessage], Field(min_length=1)]
     prompt_id: NonEmpty | None = None
     responses: Annotated[list[NonEmpty], Field(min_length=1)]
+    upload_id: UploadId | None = Field(
+        default=None,
+        description="idempotency key of this prompt's upload, reused on every retry of it: an "
+        "append whose id the prompt already applied is not applied again",
+    )
 
     def prompt_value(self) -> str | list[dict[str, str]]:
         if isinstance(self.prompt, str):
@@ -124,6 +133,18 @@ class BaselineStored(BaselineStats):
 
     stored: bool
     error: str | None = None
+    error_type: Literal["not_ready", "store_full", "conflict", "corrupt_entry"] | None = Field(
+        default=None,
+        description="why it was not stored: not_ready (the store did not answer; retry), "
+        "store_full (Redis is out of memory), conflict (changed meanwhile; retry), "
+        "corrupt_entry (the prompt's stored value is not crs's; delete it)",
+    )
+    duplicate: bool = Field(
+        default=False,
+        description="an append whose upload_id was applied already: nothing added; n and the "
+        "statistics are those stored now",
+    )
+    upload_id: str | None = None
 
 
 class BaselinesPutResponse(BaseModel):

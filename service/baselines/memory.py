@@ -3,10 +3,22 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from service.baselines.store import BaselineWrite, StoredPrompt, StoreKind, responses_digest
+from service.baselines.store import (
+    CONFLICT,
+    DUPLICATE,
+    STORED,
+    UPLOADS_KEPT,
+    UPLOADS_TTL_S,
+    BaselineWrite,
+    StoredPrompt,
+    StoreKind,
+    WriteOutcome,
+    responses_digest,
+)
 from trainer_client.prompt_id import Prompt
 
 
@@ -25,6 +37,8 @@ class MemoryBaselineStore:
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
+        # prompt id -> upload id -> when it was applied (monotonic), oldest first
+        self._uploads: dict[str, dict[str, float]] = {}
 
     @property
     def kind(self) -> StoreKind:
@@ -50,21 +64,37 @@ class MemoryBaselineStore:
 
     async def write(
         self, writes: Sequence[BaselineWrite], expected_digests: Sequence[str | None] = ()
-    ) -> list[bool]:
+    ) -> list[WriteOutcome]:
         expected = list(expected_digests) or [None] * len(writes)
         return [self._write(w, e) for w, e in zip(writes, expected, strict=True)]
 
-    def _write(self, write: BaselineWrite, expected_digest: str | None) -> bool:
+    def _write(self, write: BaselineWrite, expected_digest: str | None) -> WriteOutcome:
         current = self._entries.get(write.prompt_id)
         if expected_digest is not None and expected_digest != (current.digest if current else ""):
-            return False
+            return CONFLICT
+        if write.upload_id is not None:
+            applied = self._record_upload(write.prompt_id, write.upload_id)
+            if applied and expected_digest is not None:
+                return DUPLICATE
         digest = responses_digest(write.responses)
         entry = _Entry(prompt=write.prompt, responses=list(write.responses), digest=digest)
         if current is not None:
             entry.rewards = current.rewards  # other versions' rewards stay, tagged by digest
         entry.rewards[write.version] = (digest, list(write.rewards))
         self._entries[write.prompt_id] = entry
-        return True
+        return STORED
+
+    def _record_upload(self, prompt_id: str, upload_id: str) -> bool:
+        """Record an upload id; whether it was recorded already (and not expired)."""
+        uploads = self._uploads.setdefault(prompt_id, {})
+        now = time.monotonic()
+        for old in [u for u, at in uploads.items() if at < now - UPLOADS_TTL_S]:
+            del uploads[old]
+        applied = uploads.pop(upload_id, None) is not None
+        uploads[upload_id] = now
+        while len(uploads) > UPLOADS_KEPT:
+            del uploads[next(iter(uploads))]
+        return applied
 
     async def cache_rewards(
         self, prompt_id: str, digest: str, version: str, rewards: Sequence[float]
@@ -74,6 +104,7 @@ class MemoryBaselineStore:
             entry.rewards[version] = (digest, list(rewards))
 
     async def delete(self, prompt_id: str) -> bool:
+        self._uploads.pop(prompt_id, None)
         return self._entries.pop(prompt_id, None) is not None
 
     async def counts(self, version: str) -> tuple[int, int]:

@@ -6,10 +6,22 @@ Keys, with the prompt id as hash tag so one prompt's keys share a cluster slot:
   (a JSON list), model independent;
 - ``crs:{<prompt_id>}:rewards:<model_version>``: ``{"digest": ..., "rewards": [...]}``, the
   rewards of the responses with that digest under that version;
+- ``crs:{<prompt_id>}:uploads``: a sorted set of the upload ids applied to the prompt (score:
+  when, in ms), the last ``UPLOADS_KEPT`` of the last ``UPLOADS_TTL_S``;
 - ``crs:{index}:prompts``: the set of stored prompt ids, for counts.
 
+A write of one prompt is one script: the digest check, the upload-id check, the responses, the
+rewards, the upload id and the index entry together, so a prompt is stored wholly or not at all
+and its index entry with it. (The index is in another slot: the script needs one Redis, not a
+Redis Cluster.) Each prompt's reply is read on its own: one prompt's error (out of memory, a key
+crs did not write) never fails the others. After a write whose reply was lost (a timeout, a cut
+connection), the store re-reads whether it landed before answering, and sends again only what
+did not: with upload ids that is exact.
+
 A lookup of a whole batch is one pipelined round trip (plus one more for prompts whose rewards
-must be computed). Every operation is bounded by the client's socket timeouts and retry policy.
+must be computed). Values crs did not write (wrong key type, unreadable JSON) cost only their
+own prompt: treated as missing, logged once per key, counted. Every operation is bounded by the
+client's socket timeouts and retry policy.
 """
 
 from __future__ import annotations
@@ -19,20 +31,27 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.baselines.store import (
+    CONFLICT,
+    DUPLICATE,
+    STORED,
+    UPLOADS_KEPT,
+    UPLOADS_TTL_S,
     BaselineWrite,
     StoredPrompt,
+    StoreFull,
     StoreKind,
     StoreUnavailable,
+    WriteOutcome,
     responses_digest,
 )
 from service.settings import Settings
@@ -41,15 +60,44 @@ log = logging.getLogger("crs.baselines.redis")
 
 PROMPTS_INDEX = "crs:{index}:prompts"
 COUNT_CHUNK = 500
+OUT_OF_MEMORY = (
+    "Redis is out of memory (used memory above its maxmemory, and its policy evicts nothing): "
+    "free memory or raise maxmemory; retrying does not help until then"
+)
+# Keys logged as corrupt, so a bad key asked for at every request is logged once (bounded).
+CORRUPT_LOGGED_MAX = 10_000
 
-# Compare-and-set of one prompt: its responses and the writing version's rewards together.
-# ARGV[1]: the digest expected now ("*": any, "": absent).
+# One prompt, atomically. KEYS: responses, rewards, uploads, index. ARGV[1]: the digest expected
+# now ("*": any, "": absent); ARGV[6]: the upload id ("": none). Every check comes before the
+# first write: a script is not rolled back, and Redis refuses its first write (only) under OOM.
+# Returns {1, ""} written, {2, ""} upload id applied already (nothing written, under a digest
+# condition only), {0, current digest} conflict, {3, key} a key of a type crs never writes.
 WRITE_SCRIPT = """
+local function foreign(key, kind)
+  local found = redis.call('TYPE', key)['ok']
+  return found ~= 'none' and found ~= kind
+end
+if foreign(KEYS[1], 'hash') then return {3, KEYS[1]} end
+if foreign(KEYS[3], 'zset') then return {3, KEYS[3]} end
+if foreign(KEYS[4], 'set') then return {3, KEYS[4]} end
 local current = redis.call('HGET', KEYS[1], 'digest') or ''
-if ARGV[1] ~= '*' and current ~= ARGV[1] then return 0 end
+if ARGV[1] ~= '*' and current ~= ARGV[1] then return {0, current} end
+local upload = ARGV[6]
+if upload ~= '' and ARGV[1] ~= '*' and redis.call('ZSCORE', KEYS[3], upload) then
+  return {2, ''}
+end
 redis.call('HSET', KEYS[1], 'digest', ARGV[2], 'prompt', ARGV[3], 'responses', ARGV[4])
 redis.call('SET', KEYS[2], ARGV[5])
-return 1
+redis.call('SADD', KEYS[4], ARGV[10])
+if upload ~= '' then
+  local now = tonumber(ARGV[7])
+  local ttl = tonumber(ARGV[9])
+  redis.call('ZADD', KEYS[3], now, upload)
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - ttl)
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[8]) - 1)
+  redis.call('PEXPIRE', KEYS[3], ttl)
+end
+return {1, ''}
 """
 
 
@@ -61,40 +109,68 @@ def rewards_key(prompt_id: str, version: str) -> str:
     return f"crs:{{{prompt_id}}}:rewards:{version}"
 
 
+def uploads_key(prompt_id: str) -> str:
+    return f"crs:{{{prompt_id}}}:uploads"
+
+
 class StoreObserver(Protocol):
     """Where the store reports each Redis operation (the service's metrics)."""
 
     def store_op(self, op: str, seconds: float, failed: bool) -> None: ...
 
 
+@runtime_checkable
+class CorruptionObserver(Protocol):
+    """An observer that also counts values crs did not write (the service's metrics)."""
+
+    def store_corrupt(self, reason: str) -> None: ...
+
+
 def connect(settings: Settings, observer: StoreObserver) -> RedisBaselineStore:
     """A store on ``settings.redis_url``; connections open lazily, on first use."""
     if settings.redis_url is None:
         raise ValueError("no Redis URL")
+    client = Redis.from_pool(_pool(settings.redis_url, settings, settings.redis_retries))
+    # Writes are never sent again blindly by the client library (a reply lost after the write
+    # landed would apply it twice): the store re-reads what landed and sends the rest itself.
+    writer = Redis.from_pool(_pool(settings.redis_url, settings, 0))
+    return RedisBaselineStore(client, observer, writer=writer, retries=settings.redis_retries)
+
+
+def _pool(url: str, settings: Settings, retries: int) -> BlockingConnectionPool:
     # A bounded pool that makes callers wait for a connection (up to the socket timeout)
     # rather than fail: a large upload writes many prompts at once.
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
+    backoff = ExponentialBackoff(cap=0.2, base=0.01) if retries else NoBackoff()
+    return BlockingConnectionPool.from_url(
+        url,
         max_connections=settings.redis_max_connections,
         timeout=settings.redis_socket_timeout_s,
         decode_responses=True,
         socket_timeout=settings.redis_socket_timeout_s,
         socket_connect_timeout=settings.redis_connect_timeout_s,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.01), settings.redis_retries),
+        retry=Retry(backoff, retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=settings.redis_health_check_s,
     )
-    client = Redis.from_pool(pool)
-    return RedisBaselineStore(client, observer)
 
 
 class RedisBaselineStore:
     """Implements ``BaselineStore`` on Redis."""
 
-    def __init__(self, client: Redis, observer: StoreObserver) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        observer: StoreObserver,
+        *,
+        writer: Redis | None = None,
+        retries: int = 1,
+    ) -> None:
         self._client = client
+        self._writer = writer or client
         self._observer = observer
-        self._write = client.register_script(WRITE_SCRIPT)
+        self._attempts = 1 + retries
+        self._write = self._writer.register_script(WRITE_SCRIPT)
+        self._corrupt_logged: set[str] = set()
 
     @property
     def kind(self) -> StoreKind:
@@ -111,47 +187,145 @@ class RedisBaselineStore:
                 for prompt_id in ids:
                     pipe.hget(responses_key(prompt_id), "digest")
                     pipe.get(rewards_key(prompt_id, version))
-                replies = await pipe.execute()
-            stored = {
-                prompt_id: (digest, _rewards_for(digest, cached))
-                for prompt_id, digest, cached in zip(ids, replies[::2], replies[1::2], strict=True)
-                if digest is not None
-            }
+                replies = await pipe.execute(raise_on_error=False)
+            stored: dict[str, tuple[str, list[float] | None]] = {}
+            found: dict[str, StoredPrompt] = {}
+            for prompt_id, digest, cached in zip(ids, replies[::2], replies[1::2], strict=True):
+                if isinstance(digest, ResponseError):
+                    self._corrupt(responses_key(prompt_id), digest)
+                    found[prompt_id] = StoredPrompt(digest="", rewards=None, corrupt=True)
+                elif digest is not None:
+                    key = rewards_key(prompt_id, version)
+                    stored[prompt_id] = (digest, self._rewards_for(key, digest, cached))
             load = [
                 pid for pid, (_, rewards) in stored.items() if with_responses or rewards is None
             ]
             texts = await self._responses(load)
-        return {
-            prompt_id: StoredPrompt(digest=digest, rewards=rewards, **texts.get(prompt_id, {}))
-            for prompt_id, (digest, rewards) in stored.items()
-        }
+        for prompt_id, (digest, rewards) in stored.items():
+            text = texts.get(prompt_id, {})
+            if text is CORRUPT:
+                found[prompt_id] = StoredPrompt(digest=digest, rewards=None, corrupt=True)
+            elif prompt_id not in load or text:  # else deleted between the round trips
+                found[prompt_id] = StoredPrompt(digest=digest, rewards=rewards, **text)
+        return found
 
     async def _responses(self, prompt_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The prompt and responses of each; ``CORRUPT`` for an unreadable one, absent when it
+        was deleted meanwhile."""
         if not prompt_ids:
             return {}
         async with self._client.pipeline(transaction=False) as pipe:
             for prompt_id in prompt_ids:
                 pipe.hmget(responses_key(prompt_id), ["prompt", "responses"])
-            replies = await pipe.execute()
-        return {
-            prompt_id: {"prompt": json.loads(prompt), "responses": json.loads(responses)}
-            for prompt_id, (prompt, responses) in zip(prompt_ids, replies, strict=True)
-            if prompt is not None and responses is not None  # deleted between the round trips
-        }
+            replies = await pipe.execute(raise_on_error=False)
+        texts: dict[str, dict[str, Any]] = {}
+        for prompt_id, reply in zip(prompt_ids, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                self._corrupt(responses_key(prompt_id), reply)
+                texts[prompt_id] = CORRUPT
+            elif reply[0] is not None and reply[1] is not None:
+                text = _texts(reply[0], reply[1])
+                if text is CORRUPT:
+                    self._corrupt(responses_key(prompt_id), "unreadable prompt or responses")
+                texts[prompt_id] = text
+        return texts
 
     async def write(
         self, writes: Sequence[BaselineWrite], expected_digests: Sequence[str | None] = ()
-    ) -> list[bool]:
+    ) -> list[WriteOutcome]:
         if not writes:
             return []
         expected = list(expected_digests) or [None] * len(writes)
-        async with self._op("write"), self._client.pipeline(transaction=False) as pipe:
-            for write, digest in zip(writes, expected, strict=True):
-                keys, args = _write_call(write, digest)
-                await self._write(keys=keys, args=args, client=pipe)
-            pipe.sadd(PROMPTS_INDEX, *{write.prompt_id for write in writes})
-            replies = await pipe.execute()
-        return [bool(reply) for reply in replies[:-1]]
+        now_ms = int(time.time() * 1000)
+        calls = [_write_call(w, e, now_ms) for w, e in zip(writes, expected, strict=True)]
+        outcomes: dict[int, WriteOutcome] = {}
+        pending, error = list(range(len(writes))), ""
+        started = time.perf_counter()
+        for _ in range(self._attempts):
+            replies, error = await self._send([calls[i] for i in pending])
+            unsure = []
+            for index, reply in zip(pending, replies, strict=True):
+                if (outcome := self._write_outcome(writes[index], reply)) is None:
+                    unsure.append(index)
+                else:
+                    outcomes[index] = outcome
+            pending = []
+            if not unsure:
+                break
+            landed = await self._landed([writes[i] for i in unsure])
+            if landed is None:  # not even a re-read: say nothing was stored for these
+                pending = unsure
+                break
+            for index, outcome in zip(unsure, landed, strict=True):
+                if outcome is None:
+                    pending.append(index)
+                else:
+                    outcomes[index] = outcome
+            if not pending:
+                break
+        for index in pending:
+            outcomes[index] = WriteOutcome("unavailable", f"redis write failed: {error}")
+        self._observer.store_op("write", time.perf_counter() - started, bool(pending))
+        return [outcomes[index] for index in range(len(writes))]
+
+    async def _send(self, calls: list[tuple[list[str], list[str]]]) -> tuple[list[Any], str]:
+        """One pipelined round trip of write scripts: each reply (an error reply as its
+        exception), or all None when the connection failed (each may or may not have landed)."""
+        try:
+            async with self._writer.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    await self._write(keys=keys, args=args, client=pipe)
+                return await pipe.execute(raise_on_error=False), ""
+        except (RedisError, OSError) as exc:
+            return [None] * len(calls), f"{type(exc).__name__}: {exc}"
+
+    def _write_outcome(self, write: BaselineWrite, reply: Any) -> WriteOutcome | None:
+        """The outcome of one script reply; None when it is not known (the reply was lost, or
+        Redis forgot the script since it was loaded: nothing ran)."""
+        if reply is None or isinstance(reply, NoScriptError):
+            return None
+        if isinstance(reply, OutOfMemoryError) or (
+            isinstance(reply, ResponseError) and str(reply).startswith("OOM")
+        ):
+            return WriteOutcome("full", OUT_OF_MEMORY)
+        if isinstance(reply, ResponseError):
+            if "WRONGTYPE" in str(reply):
+                return self._corrupt_write(responses_key(write.prompt_id), "wrong key type")
+            return WriteOutcome("unavailable", f"redis write failed: {type(reply).__name__}")
+        code, info = int(reply[0]), reply[1]
+        if code == 3:
+            return self._corrupt_write(str(info), "wrong key type")
+        return {1: STORED, 2: DUPLICATE}.get(code, CONFLICT)
+
+    def _corrupt_write(self, key: str, reason: str) -> WriteOutcome:
+        self._corrupt(key, reason)
+        return WriteOutcome(
+            "corrupt",
+            f"corrupt entry: {key} holds a value crs did not write; delete the prompt "
+            "(DELETE /v1/baselines/{prompt_id}) and upload it again",
+        )
+
+    async def _landed(self, writes: list[BaselineWrite]) -> list[WriteOutcome | None] | None:
+        """After lost replies, whether each write is in Redis now: "stored" when its
+        responses are the prompt's, "duplicate" when only its upload id is recorded (applied,
+        then changed by others, or applied by an earlier try), None when it did not land.
+        None for all when Redis does not answer."""
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for write in writes:
+                    pipe.hget(responses_key(write.prompt_id), "digest")
+                    pipe.zscore(uploads_key(write.prompt_id), write.upload_id or "")
+                replies = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError):
+            return None
+        landed: list[WriteOutcome | None] = []
+        for write, digest, seen in zip(writes, replies[::2], replies[1::2], strict=True):
+            recorded = write.upload_id is not None and isinstance(seen, float)
+            if digest == responses_digest(write.responses) and (recorded or not write.upload_id):
+                landed.append(STORED)
+            else:
+                landed.append(DUPLICATE if recorded else None)
+        return landed
 
     async def cache_rewards(
         self, prompt_id: str, digest: str, version: str, rewards: Sequence[float]
@@ -161,11 +335,13 @@ class RedisBaselineStore:
 
     async def delete(self, prompt_id: str) -> bool:
         # Rewards keys stay: they name the digest they score, so they are never used for other
-        # responses, and are right again if the same responses come back.
+        # responses, and are right again if the same responses come back. The upload ids go:
+        # an upload sent again after a delete is stored again.
         async with self._op("delete"), self._client.pipeline(transaction=False) as pipe:
             pipe.delete(responses_key(prompt_id))
+            pipe.delete(uploads_key(prompt_id))
             pipe.srem(PROMPTS_INDEX, prompt_id)
-            deleted, _ = await pipe.execute()
+            deleted, _, _ = await pipe.execute()
         return bool(deleted)
 
     async def counts(self, version: str) -> tuple[int, int]:
@@ -188,9 +364,16 @@ class RedisBaselineStore:
             for prompt_id in prompt_ids:
                 pipe.hget(responses_key(prompt_id), "digest")
                 pipe.get(rewards_key(prompt_id, version))
-            replies = await pipe.execute()
-        digests = [(d, c) for d, c in zip(replies[::2], replies[1::2], strict=True) if d]
-        return len(digests), sum(_rewards_for(d, c) is not None for d, c in digests)
+            replies = await pipe.execute(raise_on_error=False)
+        prompts = scored = 0
+        for prompt_id, digest, cached in zip(prompt_ids, replies[::2], replies[1::2], strict=True):
+            if isinstance(digest, ResponseError):
+                self._corrupt(responses_key(prompt_id), digest)
+            elif digest:
+                prompts += 1
+                key = rewards_key(prompt_id, version)
+                scored += self._rewards_for(key, digest, cached) is not None
+        return prompts, scored
 
     async def ping(self) -> None:
         async with self._op("ping"):
@@ -198,6 +381,8 @@ class RedisBaselineStore:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        if self._writer is not self._client:
+            await self._writer.aclose()
 
     @asynccontextmanager
     async def _op(self, op: str) -> AsyncIterator[None]:
@@ -207,13 +392,67 @@ class RedisBaselineStore:
         try:
             yield
             failed = False
+        except OutOfMemoryError as exc:
+            raise StoreFull(OUT_OF_MEMORY) from exc
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis {op} failed: {type(exc).__name__}: {exc}") from exc
         finally:
             self._observer.store_op(op, time.perf_counter() - started, failed)
 
+    def _rewards_for(self, key: str, digest: str, cached: Any) -> list[float] | None:
+        """The cached rewards if they score the responses of ``digest``; an unreadable value
+        is reported and not used (computing them again overwrites it)."""
+        if cached is None:
+            return None
+        rewards = _rewards_doc_for(digest, cached)
+        if rewards is CORRUPT_REWARDS:
+            self._corrupt(key, cached if isinstance(cached, ResponseError) else "unreadable JSON")
+            return None
+        return rewards
 
-def _write_call(write: BaselineWrite, expected_digest: str | None) -> tuple[list[str], list[str]]:
+    def _corrupt(self, key: str, reason: object) -> None:
+        """Count a value crs did not write; log it once per key (its name, never its value)."""
+        kind = "wrong_type" if "WRONGTYPE" in str(reason) or "type" in str(reason) else "bad_value"
+        if isinstance(self._observer, CorruptionObserver):
+            self._observer.store_corrupt(kind)
+        if key in self._corrupt_logged or len(self._corrupt_logged) >= CORRUPT_LOGGED_MAX:
+            return
+        self._corrupt_logged.add(key)
+        log.warning(
+            "baseline store: key %s holds a value crs did not write (%s); it is treated as "
+            "absent, and costs only its own prompt, until it is deleted or replaced",
+            key,
+            kind.replace("_", " "),
+        )
+
+
+# Markers of unreadable values (compared by identity).
+CORRUPT: dict[str, Any] = {}
+CORRUPT_REWARDS: list[float] = []
+
+
+def _texts(prompt: str, responses: str) -> dict[str, Any]:
+    """The stored prompt and responses, or ``CORRUPT`` unless both are what crs writes."""
+    try:
+        prompt_value, responses_value = json.loads(prompt), json.loads(responses)
+    except ValueError:
+        return CORRUPT
+    if not (isinstance(responses_value, list) and all(isinstance(r, str) for r in responses_value)):
+        return CORRUPT
+    if not (isinstance(prompt_value, str) or _is_messages(prompt_value)):
+        return CORRUPT
+    return {"prompt": prompt_value, "responses": responses_value}
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and all(isinstance(v, str) for v in m.values()) for m in value
+    )
+
+
+def _write_call(
+    write: BaselineWrite, expected_digest: str | None, now_ms: int
+) -> tuple[list[str], list[str]]:
     """Keys and arguments of ``WRITE_SCRIPT`` for one prompt."""
     digest = responses_digest(write.responses)
     args = [
@@ -222,22 +461,40 @@ def _write_call(write: BaselineWrite, expected_digest: str | None) -> tuple[list
         json.dumps(write.prompt, ensure_ascii=False),
         json.dumps(write.responses, ensure_ascii=False),
         _rewards_doc(digest, write.rewards),
+        write.upload_id or "",
+        str(now_ms),
+        str(UPLOADS_KEPT),
+        str(UPLOADS_TTL_S * 1000),
+        write.prompt_id,
     ]
-    return [responses_key(write.prompt_id), rewards_key(write.prompt_id, write.version)], args
+    keys = [
+        responses_key(write.prompt_id),
+        rewards_key(write.prompt_id, write.version),
+        uploads_key(write.prompt_id),
+        PROMPTS_INDEX,
+    ]
+    return keys, args
 
 
 def _rewards_doc(digest: str, rewards: Sequence[float]) -> str:
     return json.dumps({"digest": digest, "rewards": list(rewards)})
 
 
-def _rewards_for(digest: str | None, cached: str | None) -> list[float] | None:
-    """The cached rewards if they score the responses of ``digest``."""
-    if digest is None or cached is None:
-        return None
-    doc = json.loads(cached)
-    if doc.get("digest") != digest:
-        return None
-    return [float(reward) for reward in doc["rewards"]]
+def _rewards_doc_for(digest: str, cached: Any) -> list[float] | None:
+    """The rewards of a cached document if it scores ``digest``; ``CORRUPT_REWARDS`` when it
+    is not a document crs writes."""
+    if isinstance(cached, ResponseError):
+        return CORRUPT_REWARDS
+    try:
+        doc = json.loads(cached)
+        if not isinstance(doc, dict):
+            return CORRUPT_REWARDS
+        if doc.get("digest") != digest:
+            return None
+        rewards = [float(reward) for reward in doc["rewards"]]
+    except (ValueError, TypeError, KeyError):
+        return CORRUPT_REWARDS
+    return rewards
 
 
 def _add(prompts: int, scored: int, more: tuple[int, int]) -> tuple[int, int]:

@@ -9,8 +9,10 @@ request at most one budget, and most requests nothing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -18,7 +20,15 @@ from typing import Literal
 from service.baselines.contrastive import BaselineStats
 from service.baselines.memory import MemoryBaselineStore
 from service.baselines.redis_store import connect
-from service.baselines.store import BaselineStore, BaselineWrite, StoredPrompt, StoreUnavailable
+from service.baselines.store import (
+    BaselineStore,
+    BaselineWrite,
+    StoredPrompt,
+    StoreFull,
+    StoreUnavailable,
+    WriteOutcome,
+    WriteStatus,
+)
 from service.metrics import Metrics
 from service.scoring.types import RewardInput
 from service.settings import Settings
@@ -27,6 +37,14 @@ from trainer_client.prompt_id import Prompt
 log = logging.getLogger("crs.baselines")
 
 Source = Literal["cache", "computed", "missing", "unavailable"]
+# Why an uploaded prompt was not stored, as the API names it.
+UploadError = Literal["not_ready", "store_full", "conflict", "corrupt_entry"]
+UPLOAD_ERRORS: dict[WriteStatus, UploadError] = {
+    "unavailable": "not_ready",
+    "full": "store_full",
+    "conflict": "conflict",
+    "corrupt": "corrupt_entry",
+}
 # Scores (prompt, response) pairs with the active model, through the shared batcher.
 Scorer = Callable[[Sequence[RewardInput]], Awaitable[list[float]]]
 APPEND_ATTEMPTS = 3
@@ -47,6 +65,8 @@ class Upload:
     prompt_id: str
     prompt: Prompt
     responses: list[str]
+    # The client's idempotency key of this prompt's upload (reused on every retry of it).
+    upload_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +77,10 @@ class Uploaded:
     stats: BaselineStats
     stored: bool
     error: str | None = None
+    error_type: UploadError | None = None
+    # An append whose upload id was applied already: nothing added, ``stats`` as stored now.
+    duplicate: bool = False
+    upload_id: str | None = None
 
 
 def open_store(settings: Settings, metrics: Metrics) -> BaselineStore:
@@ -80,7 +104,7 @@ class BaselineService:
         self._cooldown_until = 0.0
         # (prompt id, version, digest) -> rewards being computed: concurrent requests for one
         # prompt score its responses once.
-        self._computing: dict[tuple[str, str, str], asyncio.Future[list[float]]] = {}
+        self._computing: dict[tuple[str, str, str], asyncio.Task[list[float]]] = {}
 
     async def check(self) -> None:
         """Log whether the store answers; never fatal (baselines degrade, rewards go on)."""
@@ -133,29 +157,43 @@ class BaselineService:
         if not stored.responses:
             return Baseline("missing")
         key = (prompt_id, version, stored.digest)
-        if (pending := self._computing.get(key)) is not None:
-            return Baseline("computed", await asyncio.shield(pending))
-        future: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
-        self._computing[key] = future
-        try:
+        task = self._computing.get(key)
+        if task is None:
+            # Its own task, not the first asker's: a cancelled request cancels only its wait.
             # The stored prompt is the one the responses answer (a /get_reward prompt is the
             # formatted text, which the model's template must not wrap again).
-            rewards = await score(pairs(stored.prompt or prompt, stored.responses))
-            future.set_result(rewards)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: a failure with no other waiter is not "unhandled"
-            raise
-        finally:
-            del self._computing[key]
+            task = asyncio.create_task(
+                self._compute(prompt_id, stored.prompt or prompt, stored, version, score),
+                name=f"baseline {prompt_id}",
+            )
+            self._computing[key] = task
+            task.add_done_callback(functools.partial(self._computation_done, key))
+        return Baseline("computed", await asyncio.shield(task))
+
+    async def _compute(
+        self, prompt_id: str, prompt: Prompt, stored: StoredPrompt, version: str, score: Scorer
+    ) -> list[float]:
+        """Score a prompt's stored responses and cache them; bounded like a request, so it
+        ends even when every request waiting on it went away."""
+        assert stored.responses is not None
+        async with asyncio.timeout(self._settings.request_timeout_s):
+            rewards = await score(pairs(prompt, stored.responses))
         await self._cache(prompt_id, stored.digest, version, rewards)
-        return Baseline("computed", rewards)
+        return rewards
+
+    def _computation_done(self, key: tuple[str, str, str], task: asyncio.Task[list[float]]) -> None:
+        if self._computing.get(key) is task:
+            del self._computing[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure nobody waits for any more is not "unhandled"
 
     async def _cache(self, prompt_id: str, digest: str, version: str, rewards: list[float]) -> None:
         """Best effort: a failure only means computing again next time."""
         try:
             async with asyncio.timeout(self._settings.baseline_budget_s):
                 await self.store.cache_rewards(prompt_id, digest, version, rewards)
+        except StoreFull as exc:  # reads still work: no cool-down
+            log.warning("baseline store cache failed: %s", exc)
         except (StoreUnavailable, TimeoutError) as exc:
             self._store_failed("cache", exc)
 
@@ -172,55 +210,120 @@ class BaselineService:
         version: str,
         score: Scorer,
     ) -> list[Uploaded]:
-        """Score and store each prompt's responses; a store failure marks only its prompts."""
+        """Score and store each prompt's responses; a store failure marks only its prompts.
+        Every write carries an upload id (the client's, else one for this request), so the
+        store's own retries never apply a write twice."""
+        upload_ids = [u.upload_id or f"crs-{uuid.uuid4().hex}" for u in uploads]
         if mode == "replace":
-            return await self._replace(uploads, version, score)
-        return list(await asyncio.gather(*(self._append(u, version, score) for u in uploads)))
+            return await self._replace(uploads, upload_ids, version, score)
+        appends = zip(uploads, upload_ids, strict=True)
+        return list(await asyncio.gather(*(self._append(u, i, version, score) for u, i in appends)))
 
     async def _replace(
-        self, uploads: Sequence[Upload], version: str, score: Scorer
+        self, uploads: Sequence[Upload], upload_ids: list[str], version: str, score: Scorer
     ) -> list[Uploaded]:
         rewards = await score([pair for u in uploads for pair in pairs(u.prompt, u.responses)])
         writes, start = [], 0
-        for upload in uploads:
+        for upload, upload_id in zip(uploads, upload_ids, strict=True):
             end = start + len(upload.responses)
-            writes.append(upload_write(upload, upload.responses, rewards[start:end], version))
+            write = upload_write(upload, upload.responses, rewards[start:end], version, upload_id)
+            writes.append(write)
             start = end
-        try:
-            stored = await self.store.write(writes)
-        except StoreUnavailable as exc:
-            return [not_stored(write, str(exc)) for write in writes]
-        return [uploaded(write, ok) for write, ok in zip(writes, stored, strict=True)]
+        outcomes = await self._write(writes)
+        return [
+            # "duplicate" here is a re-read's answer (the id is recorded, others wrote since):
+            # a replace is applied whatever was recorded, so it is stored.
+            outcome_of(upload, write, outcome, duplicate=False)
+            for upload, write, outcome in zip(uploads, writes, outcomes, strict=True)
+        ]
 
-    async def _append(self, upload: Upload, version: str, score: Scorer) -> Uploaded:
+    async def _append(
+        self, upload: Upload, upload_id: str, version: str, score: Scorer
+    ) -> Uploaded:
         """Read, score what is new (and the old responses if this version never scored them),
-        write back only if nobody changed the prompt meanwhile; a few tries."""
+        write back only if nobody changed the prompt meanwhile and the upload id is new; a few
+        tries."""
         new_rewards = await score(pairs(upload.prompt, upload.responses))
-        write = upload_write(upload, upload.responses, new_rewards, version)
+        write = upload_write(upload, upload.responses, new_rewards, version, upload_id)
+        outcome = WriteOutcome("conflict", CONFLICT)
         for _ in range(APPEND_ATTEMPTS):
             try:
                 found = await self.store.lookup([upload.prompt_id], version, with_responses=True)
-                old = found.get(upload.prompt_id)
-                old_responses = (old.responses or []) if old is not None else []
-                old_rewards = old.rewards if old is not None else None
-                if old_rewards is None:
-                    old_rewards = await score(pairs(upload.prompt, old_responses))
-                write = upload_write(
-                    upload, old_responses + upload.responses, old_rewards + new_rewards, version
-                )
-                [stored] = await self.store.write([write], [old.digest if old else ""])
             except StoreUnavailable as exc:
-                return not_stored(write, str(exc))
-            if stored:
-                return uploaded(write, True)
-        return not_stored(write, CONFLICT)
+                return outcome_of(upload, write, failed_write(exc))
+            old = found.get(upload.prompt_id)
+            if old is not None and old.corrupt:
+                return outcome_of(upload, write, WriteOutcome("corrupt", CORRUPT))
+            old_responses = (old.responses or []) if old is not None else []
+            old_rewards = old.rewards if old is not None else None
+            if old_rewards is None:
+                old_rewards = await score(pairs(upload.prompt, old_responses))
+            write = upload_write(
+                upload,
+                old_responses + upload.responses,
+                old_rewards + new_rewards,
+                version,
+                upload_id,
+            )
+            [outcome] = await self._write([write], [old.digest if old else ""])
+            if outcome.status == "duplicate":
+                return await self._applied_before(upload, write, old, old_rewards, version, score)
+            if outcome.status != "conflict":
+                return outcome_of(upload, write, outcome)
+        return outcome_of(upload, write, WriteOutcome("conflict", CONFLICT))
+
+    async def _applied_before(
+        self,
+        upload: Upload,
+        write: BaselineWrite,
+        old: StoredPrompt | None,
+        old_rewards: list[float],
+        version: str,
+        score: Scorer,
+    ) -> Uploaded:
+        """An append whose upload id was applied already: answer with what is stored now."""
+        rewards = old_rewards
+        try:
+            found = await self.store.lookup([upload.prompt_id], version, with_responses=True)
+            now = found.get(upload.prompt_id)
+            if now is not None and not now.corrupt and (old is None or now.digest != old.digest):
+                rewards = now.rewards or await score(pairs(upload.prompt, now.responses or []))
+        except StoreUnavailable as exc:
+            log.info("re-reading %s after a duplicate upload failed: %s", upload.prompt_id, exc)
+        if not rewards:  # the prompt went away since: it is not stored
+            return outcome_of(upload, write, WriteOutcome("conflict", CONFLICT))
+        stats = BaselineStats.of(rewards)
+        return Uploaded(
+            prompt_id=upload.prompt_id,
+            stats=stats,
+            stored=True,
+            duplicate=True,
+            upload_id=upload.upload_id,
+        )
+
+    async def _write(
+        self, writes: Sequence[BaselineWrite], expected: Sequence[str | None] = ()
+    ) -> list[WriteOutcome]:
+        """The store's outcome per write; a store that raises fails all of them."""
+        try:
+            return await self.store.write(writes, expected)
+        except StoreUnavailable as exc:
+            return [failed_write(exc)] * len(writes)
 
 
 CONFLICT = "the prompt's responses changed during the append; send it again"
+CORRUPT = (
+    "corrupt entry: the store holds a value for this prompt that crs did not write; delete the "
+    "prompt (DELETE /v1/baselines/{prompt_id}) and upload it again"
+)
+
+
+def failed_write(exc: StoreUnavailable) -> WriteOutcome:
+    return WriteOutcome("full" if isinstance(exc, StoreFull) else "unavailable", str(exc))
 
 
 def upload_write(
-    upload: Upload, responses: list[str], rewards: list[float], version: str
+    upload: Upload, responses: list[str], rewards: list[float], version: str, upload_id: str
 ) -> BaselineWrite:
     return BaselineWrite(
         prompt_id=upload.prompt_id,
@@ -228,19 +331,32 @@ def upload_write(
         responses=responses,
         version=version,
         rewards=rewards,
+        upload_id=upload_id,
     )
 
 
-def uploaded(write: BaselineWrite, stored: bool) -> Uploaded:
+def outcome_of(
+    upload: Upload, write: BaselineWrite, outcome: WriteOutcome, *, duplicate: bool = False
+) -> Uploaded:
+    """What the API says of one prompt: stored (with the statistics of what was written), or
+    not, with why."""
     stats = BaselineStats.of(write.rewards)
-    if not stored:
-        return Uploaded(prompt_id=write.prompt_id, stats=stats, stored=False, error=CONFLICT)
-    return Uploaded(prompt_id=write.prompt_id, stats=stats, stored=True)
-
-
-def not_stored(write: BaselineWrite, error: str) -> Uploaded:
-    stats = BaselineStats.of(write.rewards)
-    return Uploaded(prompt_id=write.prompt_id, stats=stats, stored=False, error=error)
+    if outcome.written:
+        return Uploaded(
+            prompt_id=write.prompt_id,
+            stats=stats,
+            stored=True,
+            duplicate=duplicate,
+            upload_id=upload.upload_id,
+        )
+    return Uploaded(
+        prompt_id=write.prompt_id,
+        stats=stats,
+        stored=False,
+        error=outcome.message or outcome.status,
+        error_type=UPLOAD_ERRORS.get(outcome.status, "not_ready"),
+        upload_id=upload.upload_id,
+    )
 
 
 def pairs(prompt: Prompt, responses: Sequence[str]) -> list[RewardInput]:

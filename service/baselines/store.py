@@ -4,6 +4,10 @@ Per prompt the store keeps the baseline responses once (model independent, with 
 answer) and, per model version, their rewards. Rewards are tagged with the digest of the
 responses they score: a reward list whose digest is not the prompt's current one (the responses
 were replaced or appended to since) is not used, so rewards never mix with other responses.
+
+A write may carry an upload id: the store records the ids it applied per prompt (the last
+``UPLOADS_KEPT``, for ``UPLOADS_TTL_S``) in the same atomic step as the write, so an append
+retried with the same id is applied once however often it is sent.
 """
 
 from __future__ import annotations
@@ -17,10 +21,40 @@ from typing import Literal, Protocol
 from trainer_client.prompt_id import Prompt
 
 StoreKind = Literal["redis", "memory"]
+# What became of one write: written; "duplicate": its upload id was applied already, nothing
+# written; "conflict": the expected digest was not the prompt's; "corrupt": the prompt's keys
+# hold values crs did not write; "full": the store is out of memory; "unavailable": the store did
+# not answer and nothing of this write is there.
+WriteStatus = Literal["stored", "duplicate", "conflict", "corrupt", "full", "unavailable"]
+UPLOADS_KEPT = 1024
+UPLOADS_TTL_S = 7 * 24 * 3600
 
 
 class StoreUnavailable(RuntimeError):
     """The store did not answer (down, unreachable or too slow)."""
+
+
+class StoreFull(StoreUnavailable):
+    """The store refused a write for want of memory (Redis ``maxmemory`` with noeviction):
+    retrying soon does not help."""
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOutcome:
+    """The store's answer for one write, and why it was not written."""
+
+    status: WriteStatus
+    message: str | None = None
+
+    @property
+    def written(self) -> bool:
+        """The store holds this write's responses (now, or since an earlier try)."""
+        return self.status in ("stored", "duplicate")
+
+
+STORED = WriteOutcome("stored")
+DUPLICATE = WriteOutcome("duplicate")
+CONFLICT = WriteOutcome("conflict", "the prompt's responses changed meanwhile")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +68,9 @@ class StoredPrompt:
     # Loaded when ``rewards`` is None (they must be scored) or when asked for.
     responses: list[str] | None = None
     prompt: Prompt | None = None
+    # The prompt's stored values are not crs's (wrong key type, unreadable JSON): treated as
+    # missing by lookups, refused by appends.
+    corrupt: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,6 +82,9 @@ class BaselineWrite:
     responses: list[str]
     version: str
     rewards: list[float]
+    # Recorded with the write; a write whose id the prompt already recorded is not applied
+    # again when it is conditional (an append).
+    upload_id: str | None = None
 
 
 class BaselineStore(Protocol):
@@ -60,11 +100,12 @@ class BaselineStore(Protocol):
 
     async def write(
         self, writes: Sequence[BaselineWrite], expected_digests: Sequence[str | None] = ()
-    ) -> list[bool]:
+    ) -> list[WriteOutcome]:
         """For each write, make its responses the prompt's and cache their rewards under its
-        version; one round trip for all. With an expected digest (an append), only if the
-        prompt's current digest is that one ("" for an absent prompt): False, and nothing
-        written for that prompt, when it changed meanwhile."""
+        version; one round trip for all, each prompt atomic and answered on its own. With an
+        expected digest (an append), only if the prompt's current digest is that one ("" for an
+        absent prompt), else "conflict"; then, if its upload id was applied already,
+        "duplicate" and nothing written. Never raises for one prompt's failure."""
 
     async def cache_rewards(
         self, prompt_id: str, digest: str, version: str, rewards: Sequence[float]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -28,11 +29,37 @@ class NoMetrics:
         self.ops.append((op, failed))
 
 
-def write(pid: str, responses: list[str], version: str = V1, prompt: Any = "P") -> BaselineWrite:
+class CountingMetrics(NoMetrics):
+    def __init__(self) -> None:
+        super().__init__()
+        self.corrupt: Counter[str] = Counter()
+
+    def store_corrupt(self, reason: str) -> None:
+        self.corrupt[reason] += 1
+
+
+def write(
+    pid: str,
+    responses: list[str],
+    version: str = V1,
+    prompt: Any = "P",
+    upload_id: str | None = None,
+) -> BaselineWrite:
     rewards = [float(len(r)) for r in responses]
     return BaselineWrite(
-        prompt_id=pid, prompt=prompt, responses=responses, version=version, rewards=rewards
+        prompt_id=pid,
+        prompt=prompt,
+        responses=responses,
+        version=version,
+        rewards=rewards,
+        upload_id=upload_id,
     )
+
+
+async def statuses(
+    store: BaselineStore, writes: list[BaselineWrite], expected: list[str | None] | None = None
+) -> list[str]:
+    return [outcome.status for outcome in await store.write(writes, expected or ())]
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -52,14 +79,14 @@ def with_store(
 
 
 class open_store:  # noqa: N801 - an async context manager named like a function
-    def __init__(self, kind: str, server: RedisProcess) -> None:
-        self.kind, self.server = kind, server
+    def __init__(self, kind: str, server: RedisProcess, metrics: NoMetrics | None = None) -> None:
+        self.kind, self.server, self.metrics = kind, server, metrics or NoMetrics()
 
     async def __aenter__(self) -> BaselineStore:
         if self.kind == "memory":
             self.store: BaselineStore = MemoryBaselineStore()
         else:
-            self.store = connect(Settings(redis_url=self.server.url), NoMetrics())
+            self.store = connect(Settings(redis_url=self.server.url), self.metrics)
             await self.store._client.flushdb()  # type: ignore[attr-defined]
         return self.store
 
@@ -77,7 +104,7 @@ def test_an_absent_prompt_is_left_out(with_store: Any) -> None:
 
 def test_written_rewards_are_a_hit_for_their_version_only(with_store: Any) -> None:
     async def body(store: BaselineStore) -> None:
-        assert await store.write([write("p", ["a", "bb", "ccc"])]) == [True]
+        assert await statuses(store, [write("p", ["a", "bb", "ccc"])]) == ["stored"]
         hit = (await store.lookup(["p"], V1))["p"]
         assert hit.rewards == [1.0, 2.0, 3.0]
         assert hit.responses is None  # a hit does not load the texts
@@ -153,12 +180,12 @@ def test_cached_rewards_become_hits(with_store: Any) -> None:
 
 def test_a_conditional_write_needs_the_expected_digest(with_store: Any) -> None:
     async def body(store: BaselineStore) -> None:
-        assert await store.write([write("p", ["a"])], [""]) == [True]  # absent: ok
-        assert await store.write([write("p", ["zz"])], [""]) == [False]  # now present
-        assert await store.write([write("p", ["zz"])], ["not-the-digest"]) == [False]
+        assert await statuses(store, [write("p", ["a"])], [""]) == ["stored"]  # absent: ok
+        assert await statuses(store, [write("p", ["zz"])], [""]) == ["conflict"]  # now present
+        assert await statuses(store, [write("p", ["zz"])], ["not-the-digest"]) == ["conflict"]
         assert (await store.lookup(["p"], V1))["p"].rewards == [1.0]  # nothing written
         digest = responses_digest(["a"])
-        assert await store.write([write("p", ["a", "bb"])], [digest]) == [True]
+        assert await statuses(store, [write("p", ["a", "bb"])], [digest]) == ["stored"]
         assert (await store.lookup(["p"], V1))["p"].rewards == [1.0, 2.0]
 
     with_store(body)
@@ -179,8 +206,8 @@ def test_delete_forgets_a_prompt(with_store: Any) -> None:
 def test_counts_page_through_many_prompts(with_store: Any) -> None:
     async def body(store: BaselineStore) -> None:
         writes = [write(f"p{n}", ["a"]) for n in range(1203)]
-        assert await store.write(writes[:3], ["", "", None]) == [True, True, True]
-        assert all(await store.write(writes))
+        assert await statuses(store, writes[:3], ["", "", None]) == ["stored"] * 3
+        assert all(outcome.written for outcome in await store.write(writes))
         assert await store.counts(V1) == (1203, 1203)
         assert await store.counts(V2) == (1203, 0)
 
@@ -214,3 +241,80 @@ def test_a_dead_redis_is_reported_quickly_then_reconnected(own_redis: RedisProce
     asyncio.run(body())
     assert ("lookup", True) in metrics.ops
     assert ("lookup", False) in metrics.ops
+
+
+def test_a_conditional_write_with_an_applied_upload_id_is_a_duplicate(with_store: Any) -> None:
+    async def body(store: BaselineStore) -> None:
+        assert await statuses(store, [write("p", ["a"], upload_id="u1")], [""]) == ["stored"]
+        digest = responses_digest(["a"])
+        again = write("p", ["a", "a"], upload_id="u1")
+        assert await statuses(store, [again], [digest]) == ["duplicate"]
+        assert (await store.lookup(["p"], V1, with_responses=True))["p"].responses == ["a"]
+        # A replace is applied whatever was recorded (it is idempotent anyway).
+        assert await statuses(store, [write("p", ["b"], upload_id="u1")]) == ["stored"]
+        # Forgetting the prompt forgets its upload ids: the same upload is stored again.
+        assert await store.delete("p")
+        assert await statuses(store, [write("p", ["a"], upload_id="u1")], [""]) == ["stored"]
+
+    with_store(body)
+
+
+def test_only_the_last_upload_ids_are_kept(with_store: Any) -> None:
+    from service.baselines.store import UPLOADS_KEPT
+
+    async def body(store: BaselineStore) -> None:
+        ids = [f"u{n}" for n in range(UPLOADS_KEPT + 1)]
+        assert all(
+            o.written for o in await store.write([write("p", ["a"], upload_id=u) for u in ids])
+        )
+        digest = responses_digest(["a"])
+        kept = write("p", ["a", "b"], upload_id=ids[-1])
+        assert await statuses(store, [kept], [digest]) == ["duplicate"]
+        forgotten = write("p", ["a", "b"], upload_id=ids[0])  # the oldest, dropped
+        assert await statuses(store, [forgotten], [digest]) == ["stored"]
+
+    with_store(body)
+
+
+def test_redis_bounds_each_prompts_upload_ids_in_size_and_time(redis_server: RedisProcess) -> None:
+    from service.baselines.redis_store import uploads_key
+    from service.baselines.store import UPLOADS_KEPT, UPLOADS_TTL_S
+
+    async def body() -> None:
+        async with open_store("redis", redis_server) as store:
+            writes = [write("p", ["a"], upload_id=f"u{n}") for n in range(UPLOADS_KEPT + 5)]
+            await store.write(writes)
+            client = store._client  # type: ignore[attr-defined]
+            assert await client.zcard(uploads_key("p")) == UPLOADS_KEPT
+            assert 0 < await client.ttl(uploads_key("p")) <= UPLOADS_TTL_S
+
+    asyncio.run(body())
+
+
+def test_redis_values_crs_did_not_write_cost_only_their_prompt(redis_server: RedisProcess) -> None:
+    from service.baselines.redis_store import responses_key, rewards_key
+
+    metrics = CountingMetrics()
+
+    async def body() -> None:
+        async with open_store("redis", redis_server, metrics) as store:
+            client = store._client  # type: ignore[attr-defined]
+            await store.write([write("good", ["a"]), write("stale", ["b"])])
+            await client.set(responses_key("typed"), "a string")
+            await client.hset(
+                responses_key("json"), mapping={"digest": "d", "prompt": "1", "responses": "{"}
+            )
+            await client.set(rewards_key("stale", V1), "[not json")
+            found = await store.lookup(["good", "typed", "json", "stale"], V1)
+            assert found["good"].rewards == [1.0]
+            assert found["typed"].corrupt
+            assert found["json"].corrupt
+            assert found["stale"].rewards is None  # to be computed again
+            assert found["stale"].responses == ["b"]
+            outcomes = await store.write([write("typed", ["c"]), write("good", ["d"])])
+            assert [o.status for o in outcomes] == ["corrupt", "stored"]
+            assert await store.counts(V1) == (2, 1)  # good and stale: the others were not crs's
+
+    asyncio.run(body())
+    assert metrics.corrupt["wrong_type"] >= 2
+    assert metrics.corrupt["bad_value"] >= 2

@@ -319,3 +319,92 @@ def test_any_client_prompt_id_can_be_read_and_deleted(given: str) -> None:
             assert (await client.delete(path)).json() == {"prompt_id": given, "deleted": True}
 
     run(body())
+
+
+def test_an_append_retried_with_its_upload_id_lands_once() -> None:
+    async def body() -> None:
+        async with serve(make_app(FakeEngine())) as client:
+            await put(client, [{"prompt": "P", "responses": ["a"]}])
+            item = {"prompt": "P", "responses": ["bb", "ccc"], "upload_id": "job-7/P/0"}
+            first = (await put(client, [item], mode="append"))["results"][0]
+            again = (await put(client, [item], mode="append"))["results"][0]
+            other = {**item, "upload_id": "job-7/P/1"}
+            third = (await put(client, [other], mode="append"))["results"][0]
+            record = (await client.get(f"/v1/baselines/{sha256_id('P')}")).json()
+        assert (first["stored"], first["duplicate"], first["n"]) == (True, False, 3)
+        assert (again["stored"], again["duplicate"], again["n"]) == (True, True, 3)
+        assert again["mean"] == pytest.approx(first["mean"])
+        assert again["upload_id"] == "job-7/P/0"
+        assert (third["duplicate"], third["n"]) == (False, 5)
+        assert record["responses"] == ["a", "bb", "ccc", "bb", "ccc"]
+
+    run(body())
+
+
+@pytest.mark.parametrize("upload_id", ["", "x" * 129, "é", "a\nb", 7])
+def test_an_upload_id_is_1_to_128_printable_ascii_characters(upload_id: Any) -> None:
+    async def body() -> None:
+        async with serve(make_app(FakeEngine())) as client:
+            item = {"prompt": "P", "responses": ["a"], "upload_id": upload_id}
+            response = await client.put("/v1/baselines", json={"items": [item]})
+            assert_envelope(response, 422, "validation_error")
+
+    run(body())
+
+
+def test_a_store_out_of_memory_is_507_store_full_without_retry_after() -> None:
+    from service.baselines.store import StoreFull
+
+    class FullStore(MemoryBaselineStore):
+        async def write(self, *args: Any, **kwargs: Any) -> Any:
+            raise StoreFull("Redis is out of memory")
+
+    async def body() -> None:
+        app = with_store(make_app(FakeEngine()), FullStore())
+        async with serve(app) as client:
+            item = {"prompt": "P", "responses": ["a"]}
+            response = await client.put("/v1/baselines", json={"items": [item]})
+            error = assert_envelope(response, 507, "store_full")
+            assert "out of memory" in error["message"]
+            assert "retry-after" not in response.headers
+            [result] = error["details"]["results"]
+            assert (result["stored"], result["error_type"]) == (False, "store_full")
+
+    run(body())
+
+
+def test_a_shared_computation_survives_the_cancellation_of_its_first_asker() -> None:
+    import asyncio
+
+    from service.baselines.service import BaselineService
+    from service.metrics import Metrics
+    from service.settings import Settings
+
+    async def body() -> None:
+        store = MemoryBaselineStore()
+        write = BaselineWrite(
+            prompt_id="p", prompt="P", responses=["a", "bb"], version="old", rewards=[0.0, 0.0]
+        )
+        await store.write([write])
+        service = BaselineService(store, Settings(), Metrics())
+        gate, calls = asyncio.Event(), []
+
+        async def score(items: Any) -> list[float]:
+            calls.append(items)
+            await gate.wait()
+            return [fake_reward(i.prompt, i.response) for i in items]
+
+        first = asyncio.create_task(service.resolve({"p": "P"}, FAKE_VERSION, score))
+        second = asyncio.create_task(service.resolve({"p": "P"}, FAKE_VERSION, score))
+        while not calls:
+            await asyncio.sleep(0)
+        first.cancel()
+        gate.set()
+        baseline = (await second)["p"]
+        assert first.cancelled()
+        assert (baseline.source, baseline.rewards) == ("computed", [0.1, 0.2])
+        assert len(calls) == 1  # computed once for both
+        cached = (await store.lookup(["p"], FAKE_VERSION))["p"]
+        assert cached.rewards == [0.1, 0.2]
+
+    run(body())
