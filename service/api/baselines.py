@@ -23,6 +23,7 @@ from service.api.schemas import (
     BaselineStats,
     BaselineStored,
     ModelRef,
+    PromptIdPath,
 )
 from service.baselines import contrastive
 from service.baselines.service import Upload, Uploaded
@@ -141,7 +142,9 @@ def stored_result(result: Uploaded) -> BaselineStored:
 
 
 @router.get("/v1/baselines/{prompt_id:path}")
-async def get_baseline(prompt_id: str, engine: EngineDep, services: ServicesDep) -> BaselineRecord:
+async def get_baseline(
+    prompt_id: PromptIdPath, engine: EngineDep, services: ServicesDep
+) -> BaselineRecord:
     """A stored prompt's responses, and their rewards under the active model (null when it has
     not scored them yet; any rewards request for the prompt computes them)."""
     version = active_version(engine)
@@ -166,7 +169,7 @@ async def get_baseline(prompt_id: str, engine: EngineDep, services: ServicesDep)
 
 
 @router.delete("/v1/baselines/{prompt_id:path}")
-async def delete_baseline(prompt_id: str, services: ServicesDep) -> BaselineDeleted:
+async def delete_baseline(prompt_id: PromptIdPath, services: ServicesDep) -> BaselineDeleted:
     """Forget a prompt's responses (and with them every version's rewards)."""
     with store_errors():
         deleted = await services.baselines.store.delete(prompt_id)

@@ -115,8 +115,29 @@ def check_item_count(payload: Any, field: str, limit: int) -> None:
         )
 
 
+def is_json_media_type(content_type: str) -> bool:
+    """``application/json`` or ``application/<x>+json``, whatever the parameters (charset)."""
+    media_type = content_type.partition(";")[0].strip().lower()
+    kind, _, subtype = media_type.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is declared JSON. A browser sends ``text/plain`` (or no type) to any
+    origin without a CORS preflight, so scoring such bodies would let any web page use a local
+    service; JSON clients (httpx ``json=``, ``requests.post(json=...)``) always declare it."""
+    content_type = request.headers.get("content-type", "")
+    if not is_json_media_type(content_type):
+        raise ServiceError(
+            415,
+            f"the body must be application/json (Content-Type: {content_type or 'none'})",
+            details={"content_type": content_type or None, "accepted": ["application/json"]},
+        )
+
+
 async def parse_body(request: Request, model: type[BodyT], settings: Settings) -> BodyT:
     """Read, bound and validate a JSON body with the envelope on every failure."""
+    require_json(request)
     payload = await read_json(request, settings.max_body_bytes, settings.body_timeout_s)
     check_item_count(payload, "items", settings.max_items_per_request)
     try:

@@ -8,8 +8,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("crs.api")
 
@@ -21,6 +22,7 @@ ERROR_TYPES: dict[int, str] = {
     408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
+    415: "unsupported_media_type",
     422: "validation_error",
     429: "overloaded",
     503: "not_ready",
@@ -28,6 +30,20 @@ ERROR_TYPES: dict[int, str] = {
     507: "store_full",
     500: "internal",
 }
+
+
+class ErrorBody(BaseModel):
+    """What went wrong: a stable ``type`` to branch on, a message for people, and details."""
+
+    type: str = Field(description="one of the documented error types, e.g. overloaded")
+    message: str
+    details: Any = Field(description="structured context (null, an object or a list)")
+
+
+class ErrorEnvelope(BaseModel):
+    """The body of every error response (DESIGN.md 4)."""
+
+    error: ErrorBody
 
 
 # nginx's code for "client closed the request": nobody reads the answer, the metrics do.
@@ -96,11 +112,33 @@ async def _request_validation(_: Request, exc: Exception) -> JSONResponse:
     return error_response(from_validation_error(exc))
 
 
-async def _http_exception(_: Request, exc: Exception) -> JSONResponse:
+async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
     headers = dict(exc.headers) if exc.headers else None
-    return error_response(ServiceError(status, str(exc.detail), headers=headers))
+    details = None
+    if status == 405:
+        # Starlette names only the first route that matched the path; the path may have more.
+        allowed = allowed_methods(request)
+        headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        details = {"method": request.method, "allowed": allowed}
+    return error_response(ServiceError(status, str(exc.detail), details=details, headers=headers))
+
+
+# What 405 answers may list; probing each one leans only on Starlette's BaseRoute.matches.
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app serves at the request's path, sorted."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

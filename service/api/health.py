@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from service.api.deps import ServicesDep
 from service.api.errors import envelope
@@ -31,7 +31,13 @@ async def readyz(services: ServicesDep) -> dict[str, Any] | JSONResponse:
     return {"status": "ready", "model": {"name": engine.info.name, "version": engine.info.version}}
 
 
-@router.get("/metrics")
+# Documented as what it is: Prometheus text, not JSON.
+PROMETHEUS_TEXT: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}}
+}
+
+
+@router.get("/metrics", response_class=PlainTextResponse, responses=PROMETHEUS_TEXT)
 async def metrics(services: ServicesDep) -> Response:
     """Prometheus text format."""
     return Response(services.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -3,16 +3,78 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from fastapi import Path
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 from service.settings import Truncation
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1), Field(strict=True)]
 Role = Literal["system", "user", "assistant", "tool"]
 BaselineSource = Literal["cache", "computed", "missing", "unavailable"]
-AGGREGATE = re.compile(r"(mean|median|min|max|quantile:(0(\.\d+)?|1(\.0+)?))")
+# ASCII digits: Python's \d also takes other scripts' digits, JSON Schema's (ECMA) does not.
+AGGREGATE = re.compile(r"(mean|median|min|max|quantile:(0(\.[0-9]+)?|1(\.0+)?))")
+
+
+# What a prompt id may be, in one place: whatever PUT accepts, GET and DELETE
+# /v1/baselines/{prompt_id} can name. A URL holds no line break (and the router matches none),
+# HTTP servers bound the request line (512 characters stay under 7 KB percent-encoded), clients
+# resolve '.' and '..' path segments, and lone surrogates are no text.
+PROMPT_ID_MAX_CHARS = 512
+PROMPT_ID_BANNED = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_NOT_IN_ID = r"\x00-\x1f\x7f-\x9f\u2028\u2029"  # the banned categories, for JSON Schema
+_ID_CHAR = rf"[^{_NOT_IN_ID}/]"
+_ID_HEAD = rf"[^{_NOT_IN_ID}./]"
+_ID_SEGMENT = rf"(?:{_ID_HEAD}{_ID_CHAR}*|\.{_ID_HEAD}{_ID_CHAR}*|\.\.{_ID_CHAR}+)?"
+PROMPT_ID_PATTERN = rf"^{_ID_SEGMENT}(?:/{_ID_SEGMENT})*$"
+PROMPT_ID_DESCRIPTION = (
+    f"1-{PROMPT_ID_MAX_CHARS} characters, no control characters or line breaks, no '.' or '..' "
+    "between slashes; default sha256:<hex> of the canonical prompt"
+)
+
+
+def check_prompt_id(value: str) -> str:
+    """A client's prompt id, refused unless every path can name it (see ``PromptId``)."""
+    if len(value) > PROMPT_ID_MAX_CHARS:
+        raise ValueError(f"a prompt_id has at most {PROMPT_ID_MAX_CHARS} characters")
+    if bad := next((c for c in value if unicodedata.category(c) in PROMPT_ID_BANNED), None):
+        raise ValueError(f"a prompt_id holds no control characters or line breaks ({bad!r})")
+    if any(segment in {".", ".."} for segment in value.split("/")):
+        raise ValueError("a prompt_id has no '.' or '..' segment (URLs resolve them away)")
+    return value
+
+
+PromptId = Annotated[
+    str,
+    Field(
+        strict=True,
+        min_length=1,
+        max_length=PROMPT_ID_MAX_CHARS,
+        description=PROMPT_ID_DESCRIPTION,
+        json_schema_extra={"pattern": PROMPT_ID_PATTERN},
+    ),
+    AfterValidator(check_prompt_id),
+]
+# The same rule for the ``{prompt_id}`` of a path.
+PromptIdPath = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=PROMPT_ID_MAX_CHARS,
+        description=PROMPT_ID_DESCRIPTION,
+        json_schema_extra={"pattern": PROMPT_ID_PATTERN},
+    ),
+    AfterValidator(check_prompt_id),
+]
 
 
 class StrictBody(BaseModel):
@@ -29,7 +91,7 @@ class ChatMessage(StrictBody):
 class RewardItem(StrictBody):
     prompt: NonEmpty | Annotated[list[ChatMessage], Field(min_length=1)]
     response: NonEmpty
-    prompt_id: NonEmpty | None = None
+    prompt_id: PromptId | None = None
 
     def prompt_value(self) -> str | list[dict[str, str]]:
         """The prompt as plain data for formatting and identity."""
@@ -40,7 +102,9 @@ class RewardItem(StrictBody):
 
 class ContrastiveOptions(StrictBody):
     aggregate: str = Field(
-        default="mean", description="mean | median | min | max | quantile:<q> with 0 <= q <= 1"
+        default="mean",
+        description="mean | median | min | max | quantile:<q> with 0 <= q <= 1",
+        json_schema_extra={"pattern": f"^{AGGREGATE.pattern}$"},
     )
     normalize: Literal["none", "std"] = "none"
     on_missing: Literal["null", "raw", "error"] = "null"
@@ -95,7 +159,7 @@ UploadId = Annotated[str, StringConstraints(pattern=r"^[\x20-\x7e]{1,128}$"), Fi
 
 class BaselineItem(StrictBody):
     prompt: NonEmpty | Annotated[list[ChatMessage], Field(min_length=1)]
-    prompt_id: NonEmpty | None = None
+    prompt_id: PromptId | None = None
     responses: Annotated[list[NonEmpty], Field(min_length=1)]
     upload_id: UploadId | None = Field(
         default=None,

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from service.api.schemas import PROMPT_ID_MAX_CHARS, PROMPT_ID_PATTERN, check_prompt_id
 from service.app import create_app
 from service.settings import Settings
 from tests.unit.fake_engine import FAKE_VERSION, FakeEngine, fake_reward, fake_tokens, serve
@@ -69,10 +72,17 @@ class LiveApp:
 
     def post(self, content: bytes) -> httpx.Response:
         """POST /v1/rewards with ``content`` as the JSON body."""
+        return self.request("POST", "/v1/rewards", content=content)
+
+    def request(
+        self, method: str, path: str, *, content: bytes | None = None, json_body: Any = None
+    ) -> httpx.Response:
+        """One request on the app's loop; a body is declared JSON."""
         assert self._client is not None
-        request = self._client.post(
-            "/v1/rewards", content=content, headers={"content-type": "application/json"}
-        )
+        if json_body is not None:
+            content = json.dumps(json_body).encode()
+        headers = {"content-type": "application/json"} if content is not None else {}
+        request = self._client.request(method, path, content=content, headers=headers)
         return self.loop.run_until_complete(request)
 
     def close(self) -> None:
@@ -132,6 +142,14 @@ json_values = st.recursive(
     max_leaves=25,
 )
 
+def is_prompt_id(value: str) -> bool:
+    try:
+        check_prompt_id(value)
+    except ValueError:
+        return False
+    return True
+
+
 valid_messages = st.lists(
     st.fixed_dictionaries({"role": st.sampled_from(ROLES), "content": st.text(max_size=30)}),
     min_size=1,
@@ -140,7 +158,7 @@ valid_messages = st.lists(
 valid_prompts = st.text(min_size=1, max_size=40) | valid_messages
 valid_items = st.fixed_dictionaries(
     {"prompt": valid_prompts, "response": st.text(min_size=1, max_size=40)},
-    optional={"prompt_id": st.text(min_size=1, max_size=20)},
+    optional={"prompt_id": st.text(min_size=1, max_size=20).filter(is_prompt_id)},
 )
 valid_options = st.none() | st.fixed_dictionaries(
     {},
@@ -262,3 +280,97 @@ def test_valid_requests_get_one_result_per_item_in_order(
         assert [(i.prompt, i.response) for i in last.items] == [
             (i["prompt"], i["response"]) for i in body["items"]
         ]
+
+
+# --- prompt ids: whatever PUT accepts, GET and DELETE can name ---------------------------------
+
+# Text biased towards what breaks paths: separators, dots, escapes, line breaks and controls.
+id_text = st.text(
+    alphabet=st.sampled_from(list("ab/.%?#:{}* \\\n\r\t\x00\x7f\x85\u2028\u00e9\U0001f600"))
+    | st.characters(codec="utf-8"),
+    min_size=0,
+    max_size=12,
+)
+
+
+def baseline_path(given: str, *, slashes_encoded: bool) -> str:
+    # Clients may or may not percent-encode "/"; both must name the same prompt.
+    return "/v1/baselines/" + quote(given, safe="" if slashes_encoded else "/")
+
+
+@FUZZ
+@given(given=id_text, slashes_encoded=st.booleans())
+def test_every_prompt_id_put_accepts_can_be_read_and_deleted(
+    live: LiveApp, given: str, slashes_encoded: bool
+) -> None:
+    item = {"prompt": "P", "prompt_id": given, "responses": ["a"]}
+    put = live.request("PUT", "/v1/baselines", json_body={"items": [item]})
+    assert put.status_code in {200, 422}, put.text
+    if put.status_code == 422:
+        # Refused up front, never stored, and refused on the path as well.
+        assert put.json()["error"]["type"] == "validation_error"
+        return
+    path = baseline_path(given, slashes_encoded=slashes_encoded)
+    record = live.request("GET", path)
+    assert record.status_code == 200, record.text
+    assert record.json()["prompt_id"] == given
+    deleted = live.request("DELETE", path)
+    assert deleted.json() == {"prompt_id": given, "deleted": True}, deleted.text
+    assert live.request("GET", path).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "a\nb",
+        "line\r",
+        "tab\there",
+        "nul\x00",
+        "\x85",
+        "a\u2028b",
+        ".",
+        "..",
+        "a/../b",
+        "x/.",
+        "x" * (PROMPT_ID_MAX_CHARS + 1),
+        "x" * 100_000,
+        "",
+        "\ud800",
+    ],
+)
+def test_a_prompt_id_no_path_can_name_is_refused_before_it_is_stored(
+    live: LiveApp, given: str
+) -> None:
+    item = {"prompt": "P", "prompt_id": given, "responses": ["a"]}
+    put = live.request("PUT", "/v1/baselines", json_body={"items": [item]})
+    assert put.status_code == 422, put.text
+    rewards = live.request(
+        "POST",
+        "/v1/rewards",
+        json_body={"items": [{"prompt": "P", "prompt_id": given, "response": "r"}]},
+    )
+    assert rewards.status_code == 422, rewards.text
+
+
+@pytest.mark.parametrize(
+    "given", ["sha256:" + "0" * 64, "with/slash", "a?b#c", "ünï code", "...", ".hidden", "x" * 512]
+)
+def test_prompt_ids_up_to_the_bound_work_on_every_route(live: LiveApp, given: str) -> None:
+    item = {"prompt": "P", "prompt_id": given, "responses": ["a"]}
+    assert live.request("PUT", "/v1/baselines", json_body={"items": [item]}).status_code == 200
+    path = baseline_path(given, slashes_encoded=True)
+    assert live.request("GET", path).json()["prompt_id"] == given
+    assert live.request("DELETE", path).status_code == 200
+
+
+@FUZZ
+@given(given=id_text)
+def test_the_documented_pattern_is_the_rule(given: str) -> None:
+    # The OpenAPI pattern (with minLength 1) accepts exactly what the service accepts.
+    try:
+        check_prompt_id(given)
+    except ValueError:
+        valid = False
+    else:
+        valid = bool(given)
+    assert valid == (bool(given) and re.fullmatch(PROMPT_ID_PATTERN, given) is not None)
