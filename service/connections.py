@@ -126,11 +126,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.awaiting_headers = True
-        self.header_bytes = 0
         self.arm_header_timer()
 
     def on_headers_complete(self) -> None:
+        # Reset here, not at the next message's first byte: that byte can come in the middle
+        # of a chunk already counted.
         self.awaiting_headers = False
+        self.header_bytes = 0
         self.disarm_header_timer()
         super().on_headers_complete()
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import string
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.settings import Settings, redact_url
 
 
 def test_environment_with_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,3 +36,57 @@ def test_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch, env: dict[str
         monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError):
         Settings()
+
+
+SAFE = st.text(alphabet=string.ascii_letters + string.digits + "!$%&'()*+,;=-._~", min_size=1)
+
+
+@given(user=st.sampled_from(["", "default", "crs"]), password=SAFE)
+def test_redis_url_password_is_redacted(user: str, password: str) -> None:
+    password = f"Sekr1t{password}"  # distinctive, so that no other setting contains it
+    url = f"redis://{user}:{password}@redis.internal:6379/0"
+    assert redact_url(url) == "redis://***@redis.internal:6379/0"
+    settings = Settings(redis_url=url)
+    assert settings.for_log()["redis_url"] == "redis://***@redis.internal:6379/0"
+    assert password not in str(settings.for_log())
+    assert password not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("rediss://token-as-user@[::1]:6380", "rediss://***@[::1]:6380"),
+        (
+            "unix:///run/redis.sock?password=hunter22&db=1",
+            "unix:///run/redis.sock?password=***&db=1",
+        ),
+        ("redis://[::1", "***"),
+    ],
+)
+def test_redact_url_keeps_everything_but_the_credentials(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize("name", ["CRS_API_TOKENS", "CRS_ADMIN_TOKEN"])
+def test_short_token_error_names_the_setting_not_the_value(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.setenv(name, "zq7!xk")
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert f"{name}: every token must be at least 8 characters long" in str(refused.value)
+    assert "zq7" not in str(refused.value)
+
+
+def test_tokens_never_appear_in_the_logged_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRS_API_TOKENS", "api-token-123")
+    monkeypatch.setenv("CRS_ADMIN_TOKEN", "admin-token-456")
+    shown = str(Settings().for_log())
+    assert "api-token-123" not in shown
+    assert "admin-token-456" not in shown
+
+
+def test_default_drain_outlasts_the_request_timeout() -> None:
+    settings = Settings()
+    assert settings.shutdown_timeout_s > settings.request_timeout_s
