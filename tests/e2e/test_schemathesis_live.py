@@ -7,7 +7,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -20,6 +22,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from service.api.openapi import OPERATION_ERRORS
+from service.api.schemas import PROMPT_ID_MAX_CHARS
 from trainer_client.launch import RedisProcess, ServiceProcess
 
 TOKEN = "schemathesis-live-token"
@@ -96,3 +99,20 @@ def test_without_the_token_every_guarded_operation_answers_a_documented_401(
         assert response.status_code == 401, response.text
 
     refused()
+
+
+@pytest.mark.parametrize(
+    "given",
+    ["\U0001f600" * PROMPT_ID_MAX_CHARS, "a/b?c#d%e" + "/" * 20, "x" * PROMPT_ID_MAX_CHARS],
+    ids=["longest-4-byte", "url-characters", "longest-ascii"],
+)
+def test_the_longest_prompt_ids_round_trip_over_http(server: ServiceProcess, given: str) -> None:
+    # The request line of the longest id, percent-encoded UTF-8, fits the server's header limit.
+    item = {"prompt": "P", "prompt_id": given, "responses": ["a"]}
+    put = httpx.put(f"{server.url}/v1/baselines", json={"items": [item]}, headers=AUTH)
+    assert put.status_code == 200, put.text
+    url = f"{server.url}/v1/baselines/{quote(given, safe='')}"
+    record = httpx.get(url, headers=AUTH)
+    assert record.status_code == 200, record.text
+    assert record.json()["prompt_id"] == given
+    assert httpx.delete(url, headers=AUTH).json() == {"prompt_id": given, "deleted": True}
