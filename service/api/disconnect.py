@@ -26,6 +26,11 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     watcher = asyncio.ensure_future(wait_for_disconnect(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # The request itself was cancelled (the drain's deadline, the server's own cancel):
+        # its items must leave the queue too, not wait there for a reader that is gone.
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
