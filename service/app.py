@@ -55,6 +55,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # A lifespan may run again on the same app (test harnesses restart it): start undrained.
+        services.draining = False
         loading = asyncio.create_task(start_engine(services, on_fatal))
         checking = asyncio.create_task(services.baselines.check())
         try:
