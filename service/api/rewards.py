@@ -29,7 +29,13 @@ from service.baselines.contrastive import BaselineStats, aggregate, contrastive
 from service.baselines.service import Baseline, Scorer
 from service.scoring.batcher import BatchFailed, Overloaded, QueueTimeout
 from service.scoring.engine import EngineNotReady, RewardEngine
-from service.scoring.types import InputTooLong, NonFiniteReward, RewardInput, Score
+from service.scoring.types import (
+    EmptyInput,
+    InputTooLong,
+    NonFiniteReward,
+    RewardInput,
+    Score,
+)
 from service.settings import Truncation
 from trainer_client.prompt_id import prompt_id
 
@@ -186,16 +192,29 @@ def baseline_scorer(engine: RewardEngine, truncation: Truncation) -> Scorer:
     return score
 
 
+def too_long_details(exc: InputTooLong) -> dict[str, object]:
+    """The over-long items by index: their tokens, or their characters when they were refused
+    by their length in characters without being tokenised."""
+    items: list[dict[str, int]] = [{"index": i, "tokens": n} for i, n in exc.lengths.items()]
+    items += [{"index": i, "characters": n} for i, n in exc.characters.items()]
+    details: dict[str, object] = {
+        "items": sorted(items, key=lambda entry: entry["index"]),
+        "max_input_tokens": exc.limit,
+    }
+    if exc.max_characters is not None:
+        details["max_characters"] = exc.max_characters
+    return details
+
+
 @contextlib.contextmanager
 def engine_errors() -> Iterator[None]:
     """The engine's refusals as envelope errors."""
     try:
         yield
     except InputTooLong as exc:
-        details = {
-            "items": [{"index": i, "tokens": n} for i, n in sorted(exc.lengths.items())],
-            "max_input_tokens": exc.limit,
-        }
+        raise ServiceError(422, str(exc), details=too_long_details(exc)) from exc
+    except EmptyInput as exc:
+        details = {"items": [{"index": i, "tokens": 0} for i in exc.indices]}
         raise ServiceError(422, str(exc), details=details) from exc
     except NonFiniteReward as exc:
         log.error("%s", exc)

@@ -90,7 +90,8 @@ class ChatMessage(StrictBody):
 
 class RewardItem(StrictBody):
     prompt: NonEmpty | Annotated[list[ChatMessage], Field(min_length=1)]
-    response: NonEmpty
+    # May be empty: a policy can emit its end token first, and that is a sample to score.
+    response: Annotated[str, Field(strict=True)]
     prompt_id: PromptId | None = None
 
     def prompt_value(self) -> str | list[dict[str, str]]:
@@ -160,7 +161,8 @@ UploadId = Annotated[str, StringConstraints(pattern=r"^[\x20-\x7e]{1,128}$"), Fi
 class BaselineItem(StrictBody):
     prompt: NonEmpty | Annotated[list[ChatMessage], Field(min_length=1)]
     prompt_id: PromptId | None = None
-    responses: Annotated[list[NonEmpty], Field(min_length=1)]
+    # A response may be empty (a policy's immediate end token): a sample like any other.
+    responses: Annotated[list[Annotated[str, Field(strict=True)]], Field(min_length=1)]
     upload_id: UploadId | None = Field(
         default=None,
         description="idempotency key of this prompt's upload, reused on every retry of it: an "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from service.scoring.batcher import Batcher, BatchObserver
+from service.scoring.formatting import input_chars
 from service.scoring.model import RewardModel, load_reward_model
 from service.scoring.types import (
     ModelInfo,
@@ -31,6 +32,9 @@ EngineState = Literal["loading", "ready", "failed", "stopped"]
 # The first forward may compile kernels or initialise CUDA: not bound by the request limit.
 WARM_UP_TIMEOUT_S = 600.0
 WARM_UP_ITEM = RewardInput(prompt="How are you?", response="Fine, thank you.")
+# A request with more text than this (about 256 KB: a few hundred ordinary items) is tokenised
+# in the bulk pool. Each item's work is bounded (Formatter.max_chars), not a request's.
+BULK_REQUEST_CHARS = 256 * 1024
 
 
 class EngineNotReady(RuntimeError):
@@ -72,6 +76,9 @@ class HFRewardEngine:
         self._load_error: str | None = None
         # Fast tokenizers release the GIL: tokenising runs beside the loop and the device.
         self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="crs-tokenize")
+        # Requests carrying more than BULK_REQUEST_CHARS of text are tokenised here, one at a
+        # time, so that big ones can never hold the threads that small requests use.
+        self._bulk_tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="crs-tokenize-bulk")
         # Loading and warm-up run here; from then on the batcher's thread owns the device.
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="crs-load")
 
@@ -110,15 +117,26 @@ class HFRewardEngine:
             self._model, self._batcher = None, None
             raise
         self._state = "ready"
+        normalization = model.normalization
         log.info(
-            "model %s ready on %s x%d (%s, %s input, max %d tokens)",
+            "model %s ready on %s x%d (%s, %s input, max %d tokens, %s)",
             model.info.version,
             model.info.device,
             model.workers.workers,
             model.info.dtype,
             model.info.input_format,
             model.info.max_input_tokens,
+            "rewards as logits"
+            if normalization is None
+            else f"rewards normalised as OpenRLHF: (logit - {normalization.mean:g}) / "
+            f"{normalization.std:g}",
         )
+
+    def _tokenize_pool_for(self, items: Sequence[RewardInput]) -> ThreadPoolExecutor:
+        """The bulk pool for requests with much text, the shared one for the rest."""
+        if input_chars(items) > BULK_REQUEST_CHARS:
+            return self._bulk_tokenize_pool
+        return self._tokenize_pool
 
     def _new_batcher(self, model: RewardModel) -> Batcher:
         return Batcher(
@@ -138,6 +156,7 @@ class HFRewardEngine:
             await self._batcher.stop()
         self._model = None
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        self._bulk_tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self._load_pool.shutdown(wait=False, cancel_futures=True)
 
     async def score(self, items: Sequence[RewardInput], *, truncation: Truncation) -> list[Score]:
@@ -146,7 +165,7 @@ class HFRewardEngine:
             raise EngineNotReady(f"model is {self._state}")
         try:
             encoded = await asyncio.get_running_loop().run_in_executor(
-                self._tokenize_pool, model.formatter.encode, items, truncation
+                self._tokenize_pool_for(items), model.formatter.encode, items, truncation
             )
         except asyncio.CancelledError:
             # Gone before queueing (client disconnected): count them as the batcher would.

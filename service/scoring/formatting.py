@@ -2,15 +2,41 @@
 
 Decoder reward models are trained on chat transcripts: their input is the conversation rendered
 with the tokenizer's chat template. Encoder reward models take the text pair (prompt, response).
+
+The work per item is bounded before anything is tokenised. A tokenizer's memory grows with the
+text it is given (a 30 MB prompt once took 6.7 GB), so an item is measured in characters
+first: ``max_tokens * MAX_CHARS_PER_TOKEN`` characters is the most that ``max_tokens`` tokens
+can plausibly stand for. Under ``truncation: none`` a longer item is refused untokenised;
+under ``left`` only its tail, the part that can survive truncation, is tokenised.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-from service.scoring.types import Encoded, InputTooLong, Prompt, ResolvedFormat, RewardInput
+from service.scoring.types import (
+    EmptyInput,
+    Encoded,
+    InputTooLong,
+    Prompt,
+    ResolvedFormat,
+    RewardInput,
+)
 from service.settings import InputFormat, Truncation
+
+# The most characters one token stands for in text worth scoring. Ordinary text averages 3-5
+# characters per token and code with indentation under 10; vocabulary entries are rarely
+# longer than 16 characters. An input averaging more than 32 characters per token is a run of
+# one character (or of whitespace an encoder's normaliser drops): under "none" such an input
+# is refused by its length in characters even if its tokens would fit, which the error says.
+MAX_CHARS_PER_TOKEN = 32
+# Left truncation keeps at most this many leading special tokens (BOS/CLS, a role marker).
+MAX_HEAD_TOKENS = 4
+# A cut through the text can change the tokens next to it (a word split in two): the tail that
+# is kept stays this many tokens clear of the cut, so it is what full tokenisation gives.
+CUT_MARGIN_TOKENS = 16
 
 
 def resolve_input_format(requested: InputFormat, tokenizer: Any) -> ResolvedFormat:
@@ -38,72 +64,190 @@ def prompt_text(prompt: Prompt) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
+def input_chars(items: Sequence[RewardInput]) -> int:
+    """The characters of text the items carry, before any rendering: a cheap size measure."""
+    total = 0
+    for item in items:
+        if item.text is not None:
+            total += len(item.text)
+            continue
+        total += len(item.response)
+        if isinstance(item.prompt, str):
+            total += len(item.prompt)
+        else:
+            total += sum(len(m["content"]) for m in item.prompt)
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """What the tokenizer is given for one item: a text, or a text pair (encoders)."""
+
+    text: str
+    pair: str | None
+    add_special: bool
+
+    @property
+    def chars(self) -> int:
+        return len(self.text) + len(self.pair or "")
+
+
+@dataclass(frozen=True, slots=True)
+class _Tokens:
+    ids: list[int]
+    types: list[int] | None
+
+
 class Formatter:
     """Formats and tokenizes items for one tokenizer; safe to call from worker threads."""
 
-    def __init__(self, tokenizer: Any, input_format: ResolvedFormat, max_tokens: int) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        input_format: ResolvedFormat,
+        max_tokens: int,
+        *,
+        max_chars_per_token: int = MAX_CHARS_PER_TOKEN,
+    ) -> None:
         self.tokenizer = tokenizer
         self.input_format = input_format
         self.max_tokens = max_tokens
+        # Longer items are refused (truncation none) or only their tail is tokenised (left).
+        self.max_chars = max_tokens * max_chars_per_token
+        self._tail_chars = (max_tokens + CUT_MARGIN_TOKENS) * max_chars_per_token
+        self._head_chars = MAX_HEAD_TOKENS * max_chars_per_token
         self._special_ids = frozenset(tokenizer.all_special_ids)
         self._with_token_types = "token_type_ids" in tokenizer.model_input_names
 
     def encode(self, items: Sequence[RewardInput], truncation: Truncation) -> list[Encoded]:
-        """Token ids per item; over-long items are cut from the left or refused."""
+        """Token ids per item; over-long items are cut from the left or refused.
+
+        Raises:
+            EmptyInput: an item renders to no tokens at all.
+            InputTooLong: under ``truncation: none``, an item over ``max_tokens`` tokens or
+                over ``max_chars`` characters (the latter refused without tokenising).
+        """
         if not items:
             return []
-        ids, types = self._tokenize(items)
-        too_long = {i: len(row) for i, row in enumerate(ids) if len(row) > self.max_tokens}
-        if too_long and truncation == "none":
-            raise InputTooLong(too_long, self.max_tokens)
-        return [
-            self._fit(row, types[i] if types else None)
-            if i in too_long
-            else Encoded(input_ids=row, token_type_ids=types[i] if types else None, truncated=False)
-            for i, row in enumerate(ids)
-        ]
+        rendered = [self.render(item) for item in items]
+        small = [i for i, r in enumerate(rendered) if r.chars <= self.max_chars]
+        big = [i for i, r in enumerate(rendered) if r.chars > self.max_chars]
+        tokens = dict(zip(small, self._tokenize([rendered[i] for i in small]), strict=True))
+        if empty := [i for i in small if not tokens[i].ids]:
+            raise EmptyInput(empty)
+        too_long = {i: len(tokens[i].ids) for i in small if len(tokens[i].ids) > self.max_tokens}
+        if truncation == "none" and (too_long or big):
+            raise InputTooLong(
+                too_long,
+                self.max_tokens,
+                characters={i: rendered[i].chars for i in big},
+                max_characters=self.max_chars,
+            )
+        encoded = {i: self._fit(tokens[i]) if i in too_long else _plain(tokens[i]) for i in small}
+        encoded |= {i: self._fit_tail(rendered[i]) for i in big}
+        if empty := [i for i in big if not encoded[i].input_ids]:
+            raise EmptyInput(empty)
+        return [encoded[i] for i in range(len(items))]
 
-    def _tokenize(self, items: Sequence[RewardInput]) -> tuple[list[list[int]], list[list[int]]]:
-        if any(item.text is not None for item in items):
-            return self._tokenize_texts(items), []
+    def render(self, item: RewardInput) -> Rendered:
+        """The text(s) the tokenizer gets for an item, and whether it adds special tokens."""
+        if item.text is not None:
+            return self._render_text(item.text)
         if self.input_format == "chat":
-            texts = [
-                self.tokenizer.apply_chat_template(
-                    conversation(item.prompt, item.response), tokenize=False
-                )
-                for item in items
-            ]
+            text = self.tokenizer.apply_chat_template(
+                conversation(item.prompt, item.response), tokenize=False
+            )
             # The template already wrote BOS and friends: adding them again shifts every score.
-            batch = self.tokenizer(texts, add_special_tokens=False, return_token_type_ids=False)
-            return batch["input_ids"], []
-        batch = self.tokenizer(
-            [prompt_text(item.prompt) for item in items],
-            [item.response for item in items],
-            add_special_tokens=True,
-            return_token_type_ids=self._with_token_types,
-        )
-        return batch["input_ids"], batch.get("token_type_ids") or []
+            return Rendered(text, None, add_special=False)
+        return Rendered(prompt_text(item.prompt), item.response, add_special=True)
 
-    def _tokenize_texts(self, items: Sequence[RewardInput]) -> list[list[int]]:
-        """Already formatted inputs, one sequence each. A chat template wrote its own special
-        tokens into the text; other models get theirs added (CLS ... SEP)."""
-        if any(item.text is None for item in items):
-            raise ValueError("a batch mixes formatted texts and (prompt, response) pairs")
-        texts = [item.text or "" for item in items]
-        add_special = self.input_format != "chat"
-        batch = self.tokenizer(texts, add_special_tokens=add_special, return_token_type_ids=False)
-        ids: list[list[int]] = batch["input_ids"]
-        return ids
+    def _render_text(self, text: str) -> Rendered:
+        """An already formatted input, one sequence. A chat template wrote its own special
+        tokens into the text; other models get theirs added (CLS ... SEP) unless the text
+        already starts with the start token (a template wrote it)."""
+        if self.input_format == "chat":
+            return Rendered(text, None, add_special=False)
+        start = self.tokenizer.cls_token or self.tokenizer.bos_token
+        return Rendered(text, None, add_special=not (start and text.startswith(start)))
 
-    def _fit(self, ids: list[int], types: list[int] | None) -> Encoded:
+    def _tokenize(self, rendered: Sequence[Rendered]) -> list[_Tokens]:
+        """Token ids (and token types, for models that take them) of each rendering, with one
+        tokenizer call per kind of rendering."""
+        out: list[_Tokens | None] = [None] * len(rendered)
+        kinds = {(r.pair is not None, r.add_special) for r in rendered}
+        for with_pair, add_special in sorted(kinds):
+            rows = [
+                i
+                for i, r in enumerate(rendered)
+                if (r.pair is not None, r.add_special) == (with_pair, add_special)
+            ]
+            batch = self.tokenizer(
+                [rendered[i].text for i in rows],
+                [rendered[i].pair or "" for i in rows] if with_pair else None,
+                add_special_tokens=add_special,
+                # Always given when the model takes them: a batch may mix pairs and texts, and
+                # the padded batch carries types only if its first item has them.
+                return_token_type_ids=self._with_token_types,
+            )
+            types = batch.get("token_type_ids") if self._with_token_types else None
+            for n, i in enumerate(rows):
+                out[i] = _Tokens(list(batch["input_ids"][n]), list(types[n]) if types else None)
+        return [t for t in out if t is not None]
+
+    def _head_count(self, ids: Sequence[int]) -> int:
+        """How many leading special tokens (BOS/CLS and friends) left truncation keeps."""
+        head, most = 0, min(MAX_HEAD_TOKENS, self.max_tokens // 2)
+        while head < most and head < len(ids) and ids[head] in self._special_ids:
+            head += 1
+        return head
+
+    def _fit(self, tokens: _Tokens) -> Encoded:
         # Left truncation keeps the leading special tokens (BOS/CLS) and the end of the input:
         # the end of the prompt and the response, which is what the reward is about.
-        head, most = 0, min(4, self.max_tokens // 2)
-        while head < most and ids[head] in self._special_ids:
-            head += 1
+        ids, types = tokens.ids, tokens.types
+        head = self._head_count(ids)
         tail = self.max_tokens - head
         return Encoded(
             input_ids=ids[:head] + ids[len(ids) - tail :],
             token_type_ids=None if types is None else types[:head] + types[len(types) - tail :],
             truncated=True,
         )
+
+    def _fit_tail(self, rendered: Rendered) -> Encoded:
+        """Left truncation of an item over ``max_chars``, tokenising only its head and its
+        tail: the same tokens as ``_fit`` of the whole item whenever the tail holds at least
+        ``max_tokens + CUT_MARGIN_TOKENS`` tokens (ordinary text, see MAX_CHARS_PER_TOKEN;
+        otherwise the tail's tokens are all it gets)."""
+        head_piece, tail_piece = self._head_piece(rendered), self._tail_piece(rendered)
+        head_tokens, tail_tokens = self._tokenize([head_piece, tail_piece])
+        head = self._head_count(head_tokens.ids)
+        # The tail's own leading special tokens (CLS added to the cut) are not part of it.
+        available = len(tail_tokens.ids) - self._head_count(tail_tokens.ids)
+        keep = min(self.max_tokens - head, available)
+        ids, types = tail_tokens.ids, tail_tokens.types
+        return Encoded(
+            input_ids=head_tokens.ids[:head] + ids[len(ids) - keep :],
+            token_type_ids=None
+            if types is None or head_tokens.types is None
+            else head_tokens.types[:head] + types[len(types) - keep :],
+            truncated=True,
+        )
+
+    def _head_piece(self, rendered: Rendered) -> Rendered:
+        """Enough of the start to hold the leading special tokens."""
+        pair = None if rendered.pair is None else rendered.pair[: self._head_chars]
+        return replace(rendered, text=rendered.text[: self._head_chars], pair=pair)
+
+    def _tail_piece(self, rendered: Rendered) -> Rendered:
+        """The last ``_tail_chars`` characters: of the response first, then of the prompt."""
+        budget = self._tail_chars
+        if rendered.pair is None:
+            return replace(rendered, text=rendered.text[-budget:])
+        pair = rendered.pair[-budget:]
+        rest = budget - len(pair)
+        text = rendered.text[max(0, len(rendered.text) - rest) :] if rest > 0 else ""
+        return replace(rendered, text=text, pair=pair)
+
+
+def _plain(tokens: _Tokens) -> Encoded:
+    return Encoded(input_ids=tokens.ids, token_type_ids=tokens.types, truncated=False)

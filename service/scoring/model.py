@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ class RewardModel:
     device: torch.device
     pad_token_id: int
     workers: WorkerPlan
+    normalization: Normalization | None = None
 
     def bind_worker_thread(self) -> None:
         """Run on each device thread before its first forward: its share of the CPU cores."""
@@ -46,8 +48,39 @@ class RewardModel:
         inputs = pad_batch(batch, self.pad_token_id, self.device)
         with torch.inference_mode():
             logits = self.model(**inputs).logits
-        rewards: list[float] = logits[:, self.info.label_index].float().cpu().tolist()
+        scores = logits[:, self.info.label_index].float()
+        if self.normalization is not None:
+            scores = (scores - self.normalization.mean) / self.normalization.std
+        rewards: list[float] = scores.cpu().tolist()
         return rewards
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """OpenRLHF's reward normalisation, from config.json: served rewards are
+    ``(logit - mean) / std`` (computed in float32)."""
+
+    mean: float
+    std: float
+
+
+def reward_normalization(config: Any) -> Normalization | None:
+    """What OpenRLHF's reward model does with its config (``openrlhf/models/model.py``): with
+    ``normalize_reward`` true, rewards are ``(reward - mean) / std``; ``mean`` and ``std``
+    default to 0 and 1 when the config has no ``mean``."""
+    if not getattr(config, "normalize_reward", False):
+        return None
+    if not hasattr(config, "mean"):
+        return Normalization(mean=0.0, std=1.0)
+    try:
+        mean, std = float(config.mean), float(config.std)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"normalize_reward is set but mean/std are unusable: {exc}") from exc
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise ModelLoadError(
+            f"normalize_reward is set with mean={mean}, std={std}: std must be positive and finite"
+        )
+    return Normalization(mean=mean, std=std)
 
 
 @dataclass(frozen=True)
@@ -109,7 +142,9 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
 
 
 def model_digest(path: Path) -> str:
-    """A content digest of the files that decide the scores: weights, config, tokenizer."""
+    """A content digest of the files that decide the scores: weights, config, tokenizer.
+
+    The version digest is ``version_digest`` of this and the serving settings."""
     sha = hashlib.sha256()
     for file in sorted(p for p in path.iterdir() if p.is_file()):
         if file.name.startswith(UNHASHED_PREFIXES):
@@ -119,6 +154,45 @@ def model_digest(path: Path) -> str:
             while chunk := handle.read(8 * 1024 * 1024):
                 sha.update(chunk)
     return sha.hexdigest()[:DIGEST_CHARS]
+
+
+def version_digest(files_digest: str, serving: Mapping[str, Any]) -> str:
+    """The digest of a model version: its files and every serving setting that changes a
+    score (``serving_settings``), so replicas that score differently never share a version
+    (nor the baselines cached under it)."""
+    canonical = json.dumps(
+        {"files": files_digest, **serving}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:DIGEST_CHARS]
+
+
+def serving_settings(
+    *,
+    label_index: int,
+    input_format: str,
+    max_input_tokens: int,
+    normalization: Normalization | None,
+) -> dict[str, Any]:
+    """The serving settings that change a score, as they resolve for one load.
+
+    - ``label_index`` picks the logit; ``input_format`` decides the rendering;
+    - ``max_input_tokens``: an over-long item scores differently under another limit, and
+      baselines are computed with left truncation and cached under the version, so a replica
+      with another limit must not read them;
+    - ``normalization``: OpenRLHF's (logit - mean) / std (also in config.json, and hashed
+      with it; named here so that the version says it).
+
+    Not included: the dtype and the device (numerical precision of the same function, like a
+    batch's composition) and the truncation mode (chosen per request and flagged per result).
+    """
+    return {
+        "label_index": label_index,
+        "input_format": input_format,
+        "max_input_tokens": max_input_tokens,
+        "normalization": None
+        if normalization is None
+        else {"mean": normalization.mean, "std": normalization.std},
+    }
 
 
 def resolve_device(name: str) -> torch.device:
@@ -234,15 +308,24 @@ def load_reward_model(path: Path, settings: Settings) -> RewardModel:
             f"{model_max_tokens(model.config, tokenizer)} tokens"
         )
     input_format = resolve_input_format(settings.input_format, tokenizer)
+    normalization = reward_normalization(model.config)
+    serving = serving_settings(
+        label_index=checked.label_index,
+        input_format=input_format,
+        max_input_tokens=max_tokens,
+        normalization=normalization,
+    )
+    name = settings.model_name or path.resolve().name
     info = ModelInfo(
-        name=settings.model_name or path.resolve().name,
-        version=f"{settings.model_name or path.resolve().name}@{model_digest(path)}",
+        name=name,
+        version=f"{name}@{version_digest(model_digest(path), serving)}",
         path=path,
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
         input_format=input_format,
         max_input_tokens=max_tokens,
         label_index=checked.label_index,
+        normalized=normalization is not None,
     )
     return RewardModel(
         info=info,
@@ -251,6 +334,7 @@ def load_reward_model(path: Path, settings: Settings) -> RewardModel:
         device=device,
         pad_token_id=pad_token_id,
         workers=plan_workers(settings.device_workers, device),
+        normalization=normalization,
     )
 
 

@@ -56,6 +56,9 @@ class ModelInfo:
     input_format: ResolvedFormat
     max_input_tokens: int
     label_index: int
+    # Rewards are (logit - mean) / std, as OpenRLHF serves a model whose config.json says
+    # normalize_reward (with its mean and std).
+    normalized: bool = False
 
 
 class ModelLoadError(RuntimeError):
@@ -63,16 +66,46 @@ class ModelLoadError(RuntimeError):
 
 
 class InputTooLong(ValueError):
-    """Items longer than the token limit while truncation is off."""
+    """Items longer than the limit while truncation is off: over ``limit`` tokens
+    (``lengths``), or over ``max_characters`` characters (``characters``), the latter refused
+    without being tokenised."""
 
-    def __init__(self, lengths: Mapping[int, int], limit: int) -> None:
+    def __init__(
+        self,
+        lengths: Mapping[int, int],
+        limit: int,
+        *,
+        characters: Mapping[int, int] | None = None,
+        max_characters: int | None = None,
+    ) -> None:
         self.lengths = dict(lengths)
         self.limit = limit
-        first = min(self.lengths)
+        self.characters = dict(characters or {})
+        self.max_characters = max_characters
+        over = len(self.lengths) + len(self.characters)
+        first = min([*self.lengths, *self.characters])
+        if first in self.characters:
+            what = (
+                f"item {first} has {self.characters[first]} characters, more than "
+                f"{limit} tokens can hold ({max_characters} characters)"
+            )
+        else:
+            what = f"item {first} has {self.lengths[first]} tokens, over the limit of {limit}"
         super().__init__(
-            f"item {first} has {self.lengths[first]} tokens, over the limit of {limit}"
-            + (f" ({len(self.lengths)} items are over)" if len(self.lengths) > 1 else "")
+            what
+            + (f" ({over} items are over)" if over > 1 else "")
             + '; shorten it or ask for "truncation": "left"'
+        )
+
+
+class EmptyInput(ValueError):
+    """Items that render to no tokens at all (an empty formatted text): nothing to score."""
+
+    def __init__(self, indices: Sequence[int]) -> None:
+        self.indices = sorted(indices)
+        more = f" ({len(self.indices)} items are empty)" if len(self.indices) > 1 else ""
+        super().__init__(
+            f"item {self.indices[0]} gives no tokens to score: its text is empty{more}"
         )
 
 

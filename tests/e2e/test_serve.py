@@ -47,7 +47,7 @@ BAD_INPUTS = {
     "not an object": (b"[1, 2]", 422),
     "items not a list": (json.dumps({"items": "x"}).encode(), 422),
     "response a number": (json.dumps({"items": [item(response=3)]}).encode(), 422),
-    "empty response": (json.dumps({"items": [item(response="")]}).encode(), 422),
+    "empty prompt": (json.dumps({"items": [item(prompt="")]}).encode(), 422),
     "bad role": (
         json.dumps({"items": [item(prompt=[{"role": "wizard", "content": "x"}])]}).encode(),
         422,

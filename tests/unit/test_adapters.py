@@ -14,7 +14,7 @@ import pytest
 
 from trainer_client import AsyncRewardClient, RetryPolicy, RewardResult
 from trainer_client.adapters import verl
-from trainer_client.adapters.common import EMPTY_RESPONSE, LoopClients, as_prompt, text_of
+from trainer_client.adapters.common import LoopClients, as_prompt, text_of
 from trainer_client.adapters.trl import (
     completion_text,
     contrastive_reward_func,
@@ -84,9 +84,9 @@ def test_completion_text(completion: Any, text: str) -> None:
     assert completion_text(completion) == text
 
 
-def test_an_empty_completion_is_scored_as_a_space() -> None:
+def test_an_empty_completion_is_sent_as_it_is() -> None:
     [item] = to_items(["Hi?"], [""])
-    assert item.response == EMPTY_RESPONSE == " "
+    assert item.response == ""
 
 
 @pytest.mark.parametrize(

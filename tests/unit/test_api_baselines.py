@@ -179,7 +179,6 @@ def test_get_list_and_delete() -> None:
         pytest.param(
             [{"prompt": "P", "responses": []}], 422, "validation_error", id="no-responses"
         ),
-        pytest.param([{"prompt": "P", "responses": [""]}], 422, "validation_error", id="empty"),
         pytest.param([{"responses": ["a"]}], 422, "validation_error", id="no-prompt"),
         pytest.param(
             [{"prompt": "P", "responses": ["a"]}, {"prompt": "P", "responses": ["b"]}],

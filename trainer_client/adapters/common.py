@@ -20,11 +20,6 @@ USES: tuple[str, ...] = ("contrastive", "raw")
 NORMALIZES: tuple[str, ...] = ("none", "std")
 ON_MISSING: tuple[str, ...] = ("null", "raw", "error")
 
-# The service refuses an empty response. A lone space is the nearest text a reward model can
-# score, so an empty answer still gets the model's judgement (often a poor one) rather than
-# none: a policy must be able to learn that saying nothing is bad.
-EMPTY_RESPONSE = " "
-
 # Refusals that no retry and no later batch can cure: a bad token (401, 403), or a 409 (the
 # pinned model version was swapped out, or on_missing="error" and a prompt has no baseline).
 # Training on without rewards would waste the run, so these are raised, not logged.
@@ -78,11 +73,6 @@ def as_prompt(prompt: Any) -> Prompt:
         {"role": str(message["role"]), "content": text_of(message.get("content"))}
         for message in prompt
     ]
-
-
-def as_response(text: str) -> str:
-    """A response as the service takes it: an empty one becomes ``EMPTY_RESPONSE``."""
-    return text or EMPTY_RESPONSE
 
 
 def optional_id(value: Any) -> str | None:

@@ -16,8 +16,8 @@ A completion gets None, which TRL leaves out of its reward and advantage computa
 reward could be had: no baseline for its prompt under ``on_missing="null"``, or a request that
 failed after the client's retries (logged as a warning). Refusals that would fail every step
 alike (a bad token, a conflict) are raised instead, so that a run does not go on training
-without rewards. An empty completion is scored as a single space (the service refuses empty
-responses), so that it still gets the reward model's judgement.
+without rewards. An empty completion is sent as it is: the service scores it (its rendering
+still has the template's tokens), so that a policy learns what saying nothing is worth.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from trainer_client.adapters.common import (
     OnMissing,
     Use,
     as_prompt,
-    as_response,
     contrastive_options,
     is_fatal,
     optional_id,
@@ -136,7 +135,7 @@ def to_items(
     return [
         Item(
             prompt=as_prompt(prompt),
-            response=as_response(completion_text(completion)),
+            response=completion_text(completion),
             prompt_id=optional_id(given_id),
         )
         for prompt, completion, given_id in zip(prompts, completions, ids, strict=True)

@@ -38,7 +38,6 @@ from typing import Any
 from trainer_client.adapters.common import (
     LoopClients,
     as_prompt,
-    as_response,
     check_choice,
     contrastive_options,
     optional_id,
@@ -180,7 +179,7 @@ def item_of(solution_str: str, extra_info: Mapping[str, Any] | None) -> Item:
         )
     return Item(
         prompt=as_prompt(extra_info["prompt"]),
-        response=as_response(solution_str),
+        response=solution_str,
         prompt_id=optional_id(extra_info.get("prompt_id")),
     )
 
