@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -149,3 +152,58 @@ def test_a_model_giving_nan_fails_its_warm_up(tiny_bert: Path, tmp_path: Path) -
 
     with pytest.raises(ModelLoadError, match="warm-up batch gave a non-finite reward"):
         asyncio.run(score())
+
+
+def test_version_follows_every_serving_setting_that_changes_scores(
+    tiny_bert: Path, tiny_llama: Path, tmp_path: Path
+) -> None:
+    two = two_label_model(tiny_bert, tmp_path / "two")
+
+    def version(model_dir: Path, **settings: Any) -> str:
+        return load_reward_model(model_dir, Settings(model_name="rm", **settings)).info.version
+
+    first = version(two, label_index=0)
+    assert version(two, label_index=0) == first
+    assert version(two, label_index=1) != first
+    assert version(tiny_llama) == version(tiny_llama, input_format="chat")  # auto resolves so
+    assert version(tiny_llama, input_format="pair") != version(tiny_llama)
+    assert version(tiny_bert) == version(tiny_bert, max_input_tokens=512)  # the model's maximum
+    assert version(tiny_bert, max_input_tokens=128) != version(tiny_bert)
+    assert re.fullmatch(r"rm@[0-9a-f]{12}", first)
+
+
+def with_config(source: Path, out: Path, **entries: Any) -> Path:
+    copy = shutil.copytree(source, out)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, **entries}))
+    return copy
+
+
+def test_openrlhf_normalised_rewards(tiny_llama: Path, tmp_path: Path) -> None:
+    """OpenRLHF's reward model serves (reward - mean) / std when its config says so."""
+    mean, std = 0.25, 0.5
+    normalised = with_config(
+        tiny_llama, tmp_path / "normalised", normalize_reward=True, mean=mean, std=std
+    )
+    loaded = load_reward_model(normalised, Settings(model_name="rm"))
+    assert loaded.info.normalized
+    pairs = [{"prompt": "Is it?", "response": r} for r in ("yes", "", "no, it is not")]
+    served = loaded.forward(
+        loaded.formatter.encode(
+            [RewardInput(prompt="Is it?", response=p["response"]) for p in pairs], "none"
+        )
+    )
+    direct = DirectScorer(tiny_llama).rewards(pairs)
+    assert served == pytest.approx([(logit - mean) / std for logit in direct], abs=1e-5)
+    plain = load_reward_model(tiny_llama, Settings(model_name="rm"))
+    assert not plain.info.normalized
+    assert loaded.info.version != plain.info.version
+    # Asked to normalise without statistics: OpenRLHF's defaults, mean 0 and std 1.
+    bare = with_config(tiny_llama, tmp_path / "bare", normalize_reward=True)
+    assert load_reward_model(bare, Settings()).info.normalized
+
+
+def test_normalisation_without_a_usable_std_is_refused(tiny_bert: Path, tmp_path: Path) -> None:
+    broken = with_config(tiny_bert, tmp_path / "m", normalize_reward=True, mean=0.0, std=0.0)
+    with pytest.raises(ModelLoadError, match="std must be positive"):
+        load_reward_model(broken, Settings())
