@@ -1,6 +1,8 @@
 """The TRL reward function and the verl compute_score against a real `crs-service serve`: the
 rewards they give are those of a plain POST /v1/rewards, prompts of both shapes and prompt ids
-go through, and failures give None (TRL) or raise (refusals no retry can cure; verl)."""
+go through, and failures give None (TRL) or raise (refusals no retry can cure; verl). With the
+baseline store killed, each adapter does what its on_unavailable says (TRL: None by default,
+verl: 0.0 by default), never the raw reward unasked, and warns how many."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from tests.fault_proxy import Fault, FaultProxy
 from trainer_client import RetryPolicy, RewardClient, RewardServiceError
 from trainer_client.adapters import verl
 from trainer_client.adapters.trl import contrastive_reward_func
-from trainer_client.launch import ServiceProcess
+from trainer_client.launch import RedisProcess, ServiceProcess
 
 TOLERANCE = 1e-4
 FAST = RetryPolicy(retries=2, base_s=0.01, max_s=0.05)
@@ -42,6 +44,20 @@ def server(tiny_llama: Path) -> Iterator[ServiceProcess]:
         running.wait_ready()
         with RewardClient(running.url) as client:
             assert client.push_baselines(BASELINES).stored == len(BASELINES)
+        yield running
+
+
+@pytest.fixture(scope="module")
+def outage(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """A service whose Redis held the baselines and was then killed."""
+    with (
+        RedisProcess(tmp_path_factory.mktemp("redis")) as dying,
+        ServiceProcess(tiny_llama, env={"CRS_REDIS_URL": dying.url}) as running,
+    ):
+        running.wait_ready()
+        with RewardClient(running.url) as client:
+            assert client.push_baselines(BASELINES).stored == len(BASELINES)
+        dying.kill()
         yield running
 
 
@@ -77,7 +93,7 @@ def test_trl_string_prompts_and_prompt_ids(server: ServiceProcess) -> None:
         [
             {"prompt": prompts[0], "response": completions[0]},
             {"prompt": prompts[1], "response": completions[1], "prompt_id": "count"},
-            {"prompt": prompts[2], "response": " ", "prompt_id": "count"},  # empty: a space
+            {"prompt": prompts[2], "response": "", "prompt_id": "count"},  # empty: as it is
         ],
     )
     assert [result["baseline_source"] for result in expected] == ["cache"] * 3
@@ -113,6 +129,81 @@ def test_trl_a_prompt_without_baseline(
         assert value is None
     else:
         assert value == pytest.approx(result[expected_key], abs=TOLERANCE)
+
+
+OUTAGE_PROMPTS = ["Count to three.", "Write a haiku about rain.", "Count to three."]
+OUTAGE_COMPLETIONS = ["1 2 3", "Drops.", "3 2 1"]
+
+
+def raw_rewards_during(outage: ServiceProcess) -> list[float]:
+    """The raw rewards of the outage completions, asked of the service directly."""
+    items = [
+        {"prompt": p, "response": c}
+        for p, c in zip(OUTAGE_PROMPTS, OUTAGE_COMPLETIONS, strict=True)
+    ]
+    results = direct(outage.url, items)
+    assert {result["baseline_source"] for result in results} == {"unavailable"}
+    return [result["reward"] for result in results]
+
+
+@pytest.mark.parametrize("on_unavailable", [None, "raw"], ids=["default", "raw"])
+def test_trl_during_a_store_outage(
+    outage: ServiceProcess, on_unavailable: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    options = {} if on_unavailable is None else {"on_unavailable": on_unavailable}
+    # on_missing raw, the TRL default that used to turn an outage into raw rewards.
+    reward = contrastive_reward_func(outage.url, on_missing="raw", **options)
+    with caplog.at_level(logging.WARNING, logger="crs.adapters.trl"):
+        rewards = asyncio.run(reward(OUTAGE_PROMPTS, OUTAGE_COMPLETIONS))
+    if on_unavailable is None:
+        assert rewards == [None, None, None]  # TRL leaves them out of the advantages
+    else:
+        assert rewards == pytest.approx(raw_rewards_during(outage), abs=TOLERANCE)
+    assert "crs baseline store unavailable for 3 of 3 completions" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("on_unavailable", "expected"),
+    [(None, "zero"), (-0.5, "given"), ("raw", "raw")],
+    ids=["default", "number", "raw"],
+)
+def test_verl_during_a_store_outage(
+    outage: ServiceProcess,
+    on_unavailable: float | str | None,
+    expected: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def score_all() -> list[dict[str, float]]:
+        calls = [
+            verl.compute_score(
+                "crs",
+                completion,
+                None,
+                {"prompt": prompt},
+                url=outage.url,
+                on_unavailable=on_unavailable,
+            )
+            for prompt, completion in zip(OUTAGE_PROMPTS, OUTAGE_COMPLETIONS, strict=True)
+        ]
+        try:
+            return list(await asyncio.gather(*calls))  # a batch, as verl's reward loop does
+        finally:
+            await verl.aclose_clients()
+
+    with caplog.at_level(logging.WARNING, logger="crs.adapters.verl"):
+        scores = asyncio.run(score_all())
+    raw = raw_rewards_during(outage)
+    wanted = {"zero": [0.0] * 3, "given": [-0.5] * 3, "raw": raw}[expected]
+    assert [s["score"] for s in scores] == pytest.approx(wanted, abs=TOLERANCE)
+    assert [s["raw_reward"] for s in scores] == pytest.approx(raw, abs=TOLERANCE)
+    assert all(math.isnan(s["baseline"]) for s in scores)
+    counts = [
+        int(record.getMessage().split(" for ")[1].split(" of ")[0])
+        for record in caplog.records
+        if record.name == "crs.adapters.verl"
+    ]
+    assert counts  # one warning per burst of concurrent calls, every response counted once
+    assert sum(counts) == len(OUTAGE_PROMPTS)
 
 
 def test_trl_gives_none_and_a_warning_when_the_service_keeps_failing(

@@ -1,5 +1,6 @@
 """TRL's GRPOTrainer trains a tiny policy for two steps on CPU with crs contrastive rewards from
-a real `crs-service serve`: the rewards TRL logs are the ones crs gave for its completions."""
+a real `crs-service serve`: the rewards TRL logs are the ones crs gave for its completions, and
+during a baseline store outage TRL leaves the crs rewards out (None) and trains on the rest."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from trainer_client import RewardClient
 from trainer_client.adapters.trl import contrastive_reward_func
-from trainer_client.launch import ServiceProcess
+from trainer_client.launch import RedisProcess, ServiceProcess
 from trainer_client.tiny_policy import build_tiny_policy
 
 TOLERANCE = 1e-4
@@ -69,7 +70,7 @@ class Call:
 def direct_contrastive(url: str, call: Call) -> list[float]:
     """The contrastive rewards of one plain request, without the adapter or the client."""
     items = [
-        {"prompt": prompt, "response": completion[0]["content"] or " ", "prompt_id": pid}
+        {"prompt": prompt, "response": completion[0]["content"], "prompt_id": pid}
         for prompt, completion, pid in zip(
             call.prompts, call.completions, call.prompt_ids or [], strict=True
         )
@@ -87,14 +88,12 @@ def mean(values: Sequence[float | None]) -> float:
     return sum(numbers) / len(numbers)
 
 
-def test_grpo_logs_the_contrastive_rewards_crs_returned(
-    server: ServiceProcess, policy: Path, tmp_path: Path
-) -> None:
+def train(policy: Path, tmp_path: Path, crs_reward: Any, *others: Any) -> tuple[Any, list[Call]]:
+    """Two GRPO steps on PROMPTS with ``crs_reward`` (recorded) and ``others``."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     calls: list[Call] = []
-    crs_reward = contrastive_reward_func(server.url)
 
     async def recorded(
         prompts: list[Any], completions: list[Any], **kwargs: Any
@@ -122,11 +121,19 @@ def test_grpo_logs_the_contrastive_rewards_crs_returned(
     )
     trainer = GRPOTrainer(
         model=str(policy),
-        reward_funcs=[recorded],
+        reward_funcs=[recorded, *others],
         args=config,
         train_dataset=Dataset.from_list(PROMPTS),
     )
     trainer.train()
+    return trainer, calls
+
+
+def test_grpo_logs_the_contrastive_rewards_crs_returned(
+    server: ServiceProcess, policy: Path, tmp_path: Path
+) -> None:
+    crs_reward = contrastive_reward_func(server.url)
+    trainer, calls = train(policy, tmp_path, crs_reward)
 
     key = f"rewards/{crs_reward.__name__}/mean"
     logged = [entry[key] for entry in trainer.state.log_history if key in entry]
@@ -141,3 +148,34 @@ def test_grpo_logs_the_contrastive_rewards_crs_returned(
         assert [PROMPT_OF[pid] for pid in call.prompt_ids] == call.prompts
         assert None not in call.rewards  # every prompt has a baseline
         assert call.rewards == pytest.approx(direct_contrastive(server.url, call), abs=TOLERANCE)
+
+
+def length(completions: list[Any], **kwargs: Any) -> list[float]:
+    """A second reward function, which an outage of crs's store does not touch."""
+    return [float(len(completion[0]["content"])) for completion in completions]
+
+
+def test_grpo_skips_the_crs_rewards_of_a_store_outage(
+    tiny_llama: Path, policy: Path, tmp_path: Path
+) -> None:
+    with (
+        RedisProcess(tmp_path / "redis") as dying,
+        ServiceProcess(tiny_llama, env={"CRS_REDIS_URL": dying.url}) as outage,
+    ):
+        outage.wait_ready()
+        with RewardClient(outage.url) as client:
+            assert client.push_baselines(BASELINES).stored == len(BASELINES)
+        dying.kill()
+        # on_missing raw: the setting under which an outage used to give raw rewards.
+        crs_reward = contrastive_reward_func(outage.url, on_missing="raw")
+        trainer, calls = train(policy, tmp_path, crs_reward, length)
+    assert len(calls) == 2
+    assert all(call.rewards == [None] * 4 for call in calls)
+    key = f"rewards/{crs_reward.__name__}/mean"
+    steps = [entry for entry in trainer.state.log_history if key in entry]
+    assert len(steps) == 2
+    for entry in steps:
+        # TRL left the crs rewards out (no mean: it logs None), and the other function's
+        # reward is the whole reward.
+        assert entry[key] is None
+        assert entry["reward"] == pytest.approx(entry["rewards/length/mean"], abs=TOLERANCE)

@@ -10,15 +10,20 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Literal
 
 from trainer_client.client import AsyncRewardClient, RewardServiceError
-from trainer_client.wire import Prompt
+from trainer_client.wire import Prompt, RewardResult
 
 Use = Literal["contrastive", "raw"]
 Normalize = Literal["none", "std"]
 OnMissing = Literal["null", "raw", "error"]
+OnUnavailable = Literal["null", "raw", "error"]
 
 USES: tuple[str, ...] = ("contrastive", "raw")
 NORMALIZES: tuple[str, ...] = ("none", "std")
 ON_MISSING: tuple[str, ...] = ("null", "raw", "error")
+ON_UNAVAILABLE: tuple[str, ...] = ("null", "raw", "error")
+
+# The baseline_source of a result whose baseline could not be read (the store failed).
+UNAVAILABLE = "unavailable"
 
 # Refusals that no retry and no later batch can cure: a bad token (401, 403), or a 409 (the
 # pinned model version was swapped out, or on_missing="error" and a prompt has no baseline).
@@ -33,15 +38,30 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def contrastive_options(
-    use: str, aggregate: str, normalize: str, on_missing: str
+    use: str, aggregate: str, normalize: str, on_missing: str, on_unavailable: str
 ) -> dict[str, str] | None:
-    """The request's ``contrastive`` field: None for raw rewards (baselines skipped)."""
+    """The request's ``contrastive`` field: None for raw rewards (baselines skipped).
+
+    ``on_unavailable`` is always sent, never left to the service's default: what a store
+    outage does to a reward must be the adapter's decision, the same on every replica.
+    """
     check_choice("use", use, USES)
     check_choice("normalize", normalize, NORMALIZES)
     check_choice("on_missing", on_missing, ON_MISSING)
+    check_choice("on_unavailable", on_unavailable, ON_UNAVAILABLE)
     if use == "raw":
         return None
-    return {"aggregate": aggregate, "normalize": normalize, "on_missing": on_missing}
+    return {
+        "aggregate": aggregate,
+        "normalize": normalize,
+        "on_missing": on_missing,
+        "on_unavailable": on_unavailable,
+    }
+
+
+def is_unavailable(result: RewardResult) -> bool:
+    """Whether the result's baseline could not be read because the store failed."""
+    return result.baseline_source == UNAVAILABLE
 
 
 def is_fatal(error: RewardServiceError) -> bool:

@@ -13,8 +13,9 @@ loop, the first time the function runs, and reused for every later step. TRL log
 under the function's ``__name__`` (``rewards/crs_contrastive/mean`` by default).
 
 A completion gets None, which TRL leaves out of its reward and advantage computation, when no
-reward could be had: no baseline for its prompt under ``on_missing="null"``, or a request that
-failed after the client's retries (logged as a warning). Refusals that would fail every step
+reward could be had: no baseline for its prompt under ``on_missing="null"``, a baseline store
+that failed under ``on_unavailable="null"`` (the default; counted in a warning), or a request
+that failed after the client's retries (logged as a warning). Refusals that would fail every step
 alike (a bad token, a conflict) are raised instead, so that a run does not go on training
 without rewards. An empty completion is sent as it is: the service scores it (its rendering
 still has the template's tokens), so that a policy learns what saying nothing is worth.
@@ -31,10 +32,12 @@ from trainer_client.adapters.common import (
     LoopClients,
     Normalize,
     OnMissing,
+    OnUnavailable,
     Use,
     as_prompt,
     contrastive_options,
     is_fatal,
+    is_unavailable,
     optional_id,
     text_of,
 )
@@ -53,6 +56,7 @@ def contrastive_reward_func(
     aggregate: str = "mean",
     normalize: Normalize = "none",
     on_missing: OnMissing = "raw",
+    on_unavailable: OnUnavailable = "null",
     use: Use = "contrastive",
     truncation: Truncation | None = "left",
     name: str | None = None,
@@ -70,6 +74,11 @@ def contrastive_reward_func(
         normalize: ``none``, or ``std`` to divide by the baseline rewards' spread.
         on_missing: for a prompt without baseline: ``raw`` (its raw reward), ``null`` (None:
             TRL skips the completion) or ``error`` (the request fails, and this raises).
+        on_unavailable: for a prompt whose baseline the service could not read (its store
+            failed): ``null`` (None, the default: TRL skips the completion rather than train
+            on a reward shifted by the missing baseline), ``raw`` (its raw reward) or
+            ``error`` (the service answers 503; after the client's retries, every
+            completion of the call gets None).
         use: ``contrastive`` (reward minus baseline) or ``raw`` (the reward model's score;
             baselines are not looked up).
         truncation: ``left`` (default) cuts an over-long pair from the left, so that one
@@ -84,7 +93,7 @@ def contrastive_reward_func(
     Raises:
         ValueError: an unknown option, or both or neither of ``url`` and ``client``.
     """
-    contrastive = contrastive_options(use, aggregate, normalize, on_missing)
+    contrastive = contrastive_options(use, aggregate, normalize, on_missing, on_unavailable)
     client_for_loop = _client_source(url, token, client, client_options)
 
     async def reward_func(
@@ -100,6 +109,7 @@ def contrastive_reward_func(
             return [None] * len(items)
         if use == "contrastive":
             log_baseline_coverage(kwargs.get("log_metric"), reward_func.__name__, results)
+            log_unavailable(results, on_unavailable)
         return [reward_of(result, use) for result in results]
 
     reward_func.__name__ = reward_func.__qualname__ = name or f"crs_{use}"
@@ -116,6 +126,19 @@ def log_baseline_coverage(
         return
     found = sum(result.baseline is not None for result in results)
     log_metric(f"{name}/baseline_found", found / len(results))
+
+
+def log_unavailable(results: Sequence[RewardResult], on_unavailable: str) -> None:
+    """Warn, once per call, how many completions had no baseline because the store failed."""
+    unavailable = sum(map(is_unavailable, results))
+    if unavailable:
+        scored = "None (skipped by TRL)" if on_unavailable == "null" else "their raw reward"
+        log.warning(
+            "crs baseline store unavailable for %d of %d completions: rewarded %s",
+            unavailable,
+            len(results),
+            scored,
+        )
 
 
 def to_items(
