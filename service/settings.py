@@ -20,6 +20,15 @@ KiB = 1024
 MIN_TOKEN_CHARS = 8
 REDACTED = "***"
 QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&#]*")
+# The end-of-sequence texts of common chat templates (Llama 2, ChatML, Llama 3, GPT, Gemma).
+GET_REWARD_END_MARKERS = (
+    "</s>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|endoftext|>",
+    "<eos>",
+    "<end_of_turn>",
+)
 
 
 class Settings(BaseSettings):
@@ -91,6 +100,23 @@ class Settings(BaseSettings):
         default="raw",
         description="POST /get_reward: the reward of an item whose prompt has no baseline",
     )
+    get_reward_on_unavailable: Literal["null", "raw", "error"] = Field(
+        default="null",
+        description="POST /get_reward when the baseline store fails: null answers 0.0 (the "
+        "neutral contrastive reward), raw the raw reward, error a 503",
+    )
+    get_reward_end_markers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(GET_REWARD_END_MARKERS),
+        description="POST /get_reward: end-of-sequence texts a query may end with (a comma "
+        "list, beside the reward tokenizer's special tokens); baseline responses get the same",
+    )
+
+    @field_validator("get_reward_end_markers", mode="before")
+    @classmethod
+    def _split_markers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [marker.strip() for marker in value.split(",") if marker.strip()]
+        return value
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

@@ -1,10 +1,20 @@
 """``POST /get_reward``: OpenRLHF's remote reward model protocol (``--remote_rm_url``).
 
-OpenRLHF sends ``{"query": [...], "prompts": [...], "labels": [...]}``, each query the prompt and
-the response with the chat template already applied, and reads ``rewards`` (what PPO
-optimises), ``scores`` and ``extra_logs``. crs answers the contrastive reward (mean baseline
-of ``prompts[i]``) where a baseline exists and otherwise the raw reward
-(``CRS_GET_REWARD_ON_MISSING``).
+OpenRLHF sends ``{"query": [...], "prompts": [...], "labels": [...]}``, each query the policy's
+formatted prompt followed by the generated tokens decoded with their special tokens (so it ends
+with the policy's end token), and reads ``rewards`` (what PPO optimises), ``scores`` and
+``extra_logs``.
+
+One rendering rule serves both terms of the contrastive reward (docs/openrlhf.md):
+
+- the raw reward scores ``query`` as sent, as OpenRLHF's own reward server does (no template,
+  no special tokens added; the response is what follows ``prompts[i]``);
+- the baseline responses of ``prompts[i]`` are rendered as a query would be:
+  ``prompts[i] + response_j + end_marker``, where the end marker is what the query ends with
+  (the longest known end-of-sequence text, see ``end_marker``). Their rewards are cached under
+  a version of their own, ``<model version>+openrlhf:<sha256(marker)[:8]>``, beside the
+  reward model's own template (``<model version>``, what ``GET /v1/baselines`` reports).
+
 OpenRLHF turns every ``extra_logs`` list into a tensor, so every value there is a number: the
 raw reward, the baseline (0 without one) and one 0/1 column per baseline source, whose batch
 mean is the hit rate.
@@ -13,38 +23,66 @@ mean is the hit rate.
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+import functools
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
 from service.api.auth import require_api_token
-from service.api.deps import EngineDep, ServicesDep, parse_body
+from service.api.deps import EngineDep, Services, ServicesDep, parse_body
 from service.api.disconnect import unless_disconnected
 from service.api.errors import ServiceError
 from service.api.openapi import json_body
-from service.api.rewards import baseline_scorer, engine_errors, reference
-from service.api.schemas import GetRewardRequest, GetRewardResponse
-from service.baselines.service import Baseline
+from service.api.rewards import engine_errors, reference, refuse_unavailable
+from service.api.schemas import GetRewardRequest, GetRewardResponse, OnUnavailable
+from service.baselines.service import Baseline, Scorer
 from service.scoring.engine import RewardEngine
 from service.scoring.types import RewardInput
 from trainer_client.prompt_id import prompt_id
 
+log = logging.getLogger("crs.api.compat")
+
 router = APIRouter(dependencies=[Depends(require_api_token)], tags=["compatibility"])
 SOURCES = ("cache", "computed", "missing", "unavailable")
+RENDERING = "openrlhf"
+# Tokenizer files whose ``*_token`` entries name the reward tokenizer's special tokens.
+TOKENIZER_FILES = ("special_tokens_map.json", "tokenizer_config.json")
 
 
 async def get_reward_body(request: Request, services: ServicesDep) -> GetRewardRequest:
-    return await parse_body(request, GetRewardRequest, services.settings)
+    # CRS_MAX_ITEMS_PER_REQUEST bounds the queries here, before any of them is validated.
+    return await parse_body(request, GetRewardRequest, services.settings, items_field="query")
 
 
 GetRewardBody = Annotated[GetRewardRequest, Depends(get_reward_body)]
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One query under the rendering rule: what is scored, and how its baselines render."""
+
+    input: RewardInput  # the query as sent; prompt and response only identify it
+    prompt_id: str | None  # of prompts[i]; None without prompts
+    marker: str  # the end-of-sequence text the query ends with ("" when none)
+
+    @property
+    def key(self) -> tuple[str, str] | None:
+        """Which rendered baseline the query compares with: its prompt's, with its marker."""
+        return None if self.prompt_id is None else (self.prompt_id, self.marker)
 
 
 @router.post("/get_reward", openapi_extra=json_body(GetRewardRequest))
 async def get_reward(
     request: Request, body: GetRewardBody, engine: EngineDep, services: ServicesDep
 ) -> GetRewardResponse:
-    """Rewards for formatted queries; contrastive where ``prompts[i]`` has a baseline."""
+    """Rewards for formatted queries; contrastive where ``prompts[i]`` has a baseline, both
+    terms rendered by the same rule (module docstring)."""
     prompts = body.prompts
     if prompts is not None and len(prompts) != len(body.query):
         raise ServiceError(
@@ -54,45 +92,187 @@ async def get_reward(
         )
     if not body.query:
         return GetRewardResponse(rewards=[], scores=[], extra_logs=empty_logs())
-    inputs = [
-        query_input(query, prompts[i] if prompts else None) for i, query in enumerate(body.query)
+    settings = services.settings
+    markers = end_markers(settings.get_reward_end_markers, engine)
+    queries = [
+        query_input(query, prompts[i] if prompts else None, markers)
+        for i, query in enumerate(body.query)
     ]
-    version = engine.info.version if engine.info else ""
-    ids = [prompt_id(prompt) for prompt in prompts] if prompts else []
-    resolving = services.baselines.resolve(
-        dict(zip(ids, prompts or [], strict=True)), version, baseline_scorer(engine, "left")
+    warn_not_prefix(queries)
+    on_unavailable = body.on_unavailable or settings.get_reward_on_unavailable
+    if on_unavailable == "error":
+        # Refuse before scoring anything when the store cannot give the baselines.
+        found = await unless_disconnected(request, rendered_baselines(engine, services, queries))
+        by_prompt = {key[0]: baseline for key, baseline in found.items()}
+        refuse_unavailable(list(by_prompt), by_prompt, settings.store_cooldown_s)
+        raw = await unless_disconnected(request, score_queries(engine, queries))
+    else:
+        raw, found = await unless_disconnected(
+            request,
+            asyncio.gather(
+                score_queries(engine, queries), rendered_baselines(engine, services, queries)
+            ),
+        )
+    baselines = [found[q.key] if q.key else Baseline("missing") for q in queries]
+    return answer(raw, baselines, settings.get_reward_on_missing, on_unavailable)
+
+
+def query_input(query: str, prompt: str | None, markers: Sequence[str] = ()) -> Query:
+    """The query as an already formatted input, scored as sent; the response is what follows
+    the prompt, and the end marker is what the query ends with."""
+    if prompt is None:
+        return Query(RewardInput(prompt="", response=query, text=query), None, "")
+    # A query that does not start with its prompt has no response by the rule: it is still
+    # scored as sent (and counted in the log), its response taken as the whole query.
+    response = query[len(prompt) :] if query.startswith(prompt) else query
+    scored = RewardInput(prompt=prompt, response=response, text=query)
+    return Query(scored, prompt_id(prompt), end_marker(query, markers))
+
+
+def warn_not_prefix(queries: Sequence[Query]) -> None:
+    """Log the queries that do not start with their prompt: their baselines' rendering cannot
+    match theirs (OpenRLHF cut the prompt, or its decode does not give the prompt back)."""
+    count = sum(
+        q.prompt_id is not None and not (q.input.text or "").startswith(str(q.input.prompt))
+        for q in queries
     )
-    raw, baselines = await unless_disconnected(
-        request, asyncio.gather(score_queries(engine, inputs), resolving)
+    if count:
+        log.warning(
+            "/get_reward: %d of %d queries do not start with their prompt; their baselines are "
+            "rendered from the prompt all the same",
+            count,
+            len(queries),
+        )
+
+
+def end_marker(query: str, markers: Sequence[str]) -> str:
+    """The trailing end-of-sequence text of ``query``: the longest of ``markers`` that it ends
+    with (with any whitespace after it), or "" when it ends with none of them (a generation
+    cut at its length limit)."""
+    body = query.rstrip()
+    found = max((m for m in markers if m and body.endswith(m)), key=len, default="")
+    return query[len(body) - len(found) :] if found else ""
+
+
+def end_markers(configured: Sequence[str], engine: RewardEngine) -> list[str]:
+    """``CRS_GET_REWARD_END_MARKERS`` and the reward tokenizer's special token strings."""
+    info = engine.info
+    specials = tokenizer_special_tokens(info.path, info.version) if info else ()
+    return sorted({*configured, *specials}, key=len, reverse=True)
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer_special_tokens(model_dir: Path, version: str) -> tuple[str, ...]:
+    """The special token strings that the model directory's tokenizer files name (keyed by
+    version too: a model replaced in place gets a new one)."""
+    del version  # only the cache key
+    found: set[str] = set()
+    for name in TOKENIZER_FILES:
+        try:
+            config = json.loads((model_dir / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict):
+            found.update(special_strings(config))
+    return tuple(sorted(found))
+
+
+def special_strings(config: dict[str, Any]) -> set[str]:
+    """``bos_token``, ``eos_token``, ... and ``additional_special_tokens`` of a tokenizer file;
+    each a string or ``{"content": ...}``."""
+    values: list[Any] = [v for k, v in config.items() if k.endswith("_token")]
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        extra = config.get(key)
+        values.extend(extra.values() if isinstance(extra, dict) else extra or [])
+    strings = {v.get("content") if isinstance(v, dict) else v for v in values}
+    return {s for s in strings if isinstance(s, str) and s.strip()}
+
+
+def rendering_version(version: str, marker: str) -> str:
+    """The version that the OpenRLHF rendering's baseline rewards are cached under: one per
+    end marker, never the reward model's own (template) version."""
+    digest = hashlib.sha256(marker.encode("utf-8")).hexdigest()[:8]
+    return f"{version}+{RENDERING}:{digest}"
+
+
+def rendered(prompt: str, response: str, marker: str) -> str:
+    """A baseline response rendered as a query: prompt, response, and the end marker unless
+    the response already ends with it."""
+    return prompt + response + ("" if response.endswith(marker) else marker)
+
+
+async def rendered_baselines(
+    engine: RewardEngine, services: Services, queries: Sequence[Query]
+) -> dict[tuple[str, str], Baseline]:
+    """The baseline of each (prompt, marker) of the queries, rendered by the rule. One lookup
+    per pair, concurrently: the rendering uses the request's prompt text, whatever prompt was
+    stored with the responses."""
+    info = engine.info
+    version = info.version if info else ""
+    wanted = {q.key: str(q.input.prompt) for q in queries if q.key is not None}
+    found = await asyncio.gather(
+        *(
+            services.baselines.resolve(
+                {pid: prompt},
+                rendering_version(version, marker),
+                rendered_scorer(engine, prompt, marker),
+            )
+            for (pid, marker), prompt in wanted.items()
+        )
     )
-    found = [baselines[pid] for pid in ids] if ids else [Baseline("missing")] * len(raw)
-    return answer(raw, found, services.settings.get_reward_on_missing)
+    return {key: baselines[key[0]] for key, baselines in zip(wanted, found, strict=True)}
 
 
-def query_input(query: str, prompt: str | None) -> RewardInput:
-    """The query as an already formatted input; the response is what follows the prompt."""
-    response = query[len(prompt) :] if prompt and query.startswith(prompt) else query
-    return RewardInput(prompt=prompt or "", response=response, text=query)
+def rendered_scorer(engine: RewardEngine, prompt: str, marker: str) -> Scorer:
+    """Scores one prompt's baseline responses rendered as its queries are."""
+
+    async def score(pairs: Sequence[RewardInput]) -> list[float]:
+        inputs = [
+            RewardInput(
+                prompt=prompt, response=p.response, text=rendered(prompt, p.response, marker)
+            )
+            for p in pairs
+        ]
+        with engine_errors():
+            return [s.reward for s in await engine.score(inputs, truncation="left")]
+
+    return score
 
 
-async def score_queries(engine: RewardEngine, inputs: list[RewardInput]) -> list[float]:
+async def score_queries(engine: RewardEngine, queries: Sequence[Query]) -> list[float]:
     # Cut from the left rather than refuse: a 422 in the middle of a PPO step stops training.
     with engine_errors():
-        return [score.reward for score in await engine.score(inputs, truncation="left")]
+        scores = await engine.score([q.input for q in queries], truncation="left")
+    return [score.reward for score in scores]
 
 
-def answer(raw: list[float], baselines: list[Baseline], on_missing: str) -> GetRewardResponse:
+def answer(
+    raw: list[float], baselines: list[Baseline], on_missing: str, on_unavailable: OnUnavailable
+) -> GetRewardResponse:
+    """The response: contrastive where a baseline was found; else, for a store failure, what
+    ``on_unavailable`` says (null: 0.0, the neutral contrastive reward; raw: the raw reward),
+    and for a prompt without baseline what ``CRS_GET_REWARD_ON_MISSING`` says."""
     rewards, base = [], []
     for reward, baseline in zip(raw, baselines, strict=True):
         if (ref := reference(baseline, "mean")) is not None:
             rewards.append(reward - ref.value)
             base.append(ref.value)
+        elif baseline.source == "unavailable":
+            rewards.append(reward if on_unavailable == "raw" else 0.0)
+            base.append(0.0)
         else:
             rewards.append(reward if on_missing == "raw" else 0.0)
             base.append(0.0)
     logs = {"raw_reward": raw, "baseline": base}
     for source in SOURCES:
         logs[f"baseline_{source}"] = [float(b.source == source) for b in baselines]
+    if unavailable := sum(b.source == "unavailable" for b in baselines):
+        log.warning(
+            "/get_reward: the baseline store was unavailable for %d of %d queries; answered %s",
+            unavailable,
+            len(baselines),
+            "the raw reward" if on_unavailable == "raw" else "0.0 (on_unavailable=null)",
+        )
     return GetRewardResponse(rewards=rewards, scores=raw, extra_logs=logs)
 
 

@@ -115,6 +115,43 @@ def check_item_count(payload: Any, field: str, limit: int) -> None:
         )
 
 
+def refuse_lone_surrogates(payload: Any) -> None:
+    """422 naming the first string (value or key) that holds a lone surrogate: JSON's
+    ``\\ud800`` escape parses, but it is no Unicode text and fails every encoder later."""
+    stack: list[tuple[list[str | int], Any]] = [([], payload)]
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, dict):
+            for key, child in value.items():
+                if not _is_text(key):
+                    _lone_surrogate(loc)
+                stack.append(([*loc, key], child))
+        elif isinstance(value, list):
+            stack.extend(([*loc, i], child) for i, child in enumerate(value))
+        elif isinstance(value, str) and not _is_text(value):
+            _lone_surrogate(loc)
+
+
+def _is_text(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _lone_surrogate(loc: list[str | int]) -> None:
+    where = ".".join(map(str, loc)) or "body"
+    msg = "contains a lone UTF-16 surrogate (not valid Unicode)"
+    raise ServiceError(
+        422,
+        f"{where}: {msg}",
+        details=[{"loc": loc, "msg": msg, "type": "lone_surrogate"}],
+    )
+
+
 def is_json_media_type(content_type: str) -> bool:
     """``application/json`` or ``application/<x>+json``, whatever the parameters (charset)."""
     media_type = content_type.partition(";")[0].strip().lower()
@@ -135,11 +172,15 @@ def require_json(request: Request) -> None:
         )
 
 
-async def parse_body(request: Request, model: type[BodyT], settings: Settings) -> BodyT:
-    """Read, bound and validate a JSON body with the envelope on every failure."""
+async def parse_body(
+    request: Request, model: type[BodyT], settings: Settings, items_field: str = "items"
+) -> BodyT:
+    """Read, bound and validate a JSON body with the envelope on every failure;
+    ``items_field`` is the list that ``CRS_MAX_ITEMS_PER_REQUEST`` bounds."""
     require_json(request)
     payload = await read_json(request, settings.max_body_bytes, settings.body_timeout_s)
-    check_item_count(payload, "items", settings.max_items_per_request)
+    check_item_count(payload, items_field, settings.max_items_per_request)
+    refuse_lone_surrogates(payload)
     try:
         return model.model_validate(payload)
     except ValidationError as exc:

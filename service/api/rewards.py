@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -92,10 +93,13 @@ async def contrastive_results(
     prompts = {pid: item.prompt_value() for pid, item in zip(prompt_ids, body.items, strict=True)}
     truncation = body.truncation or services.settings.truncation
     resolving = services.baselines.resolve(prompts, version, baseline_scorer(engine, "left"))
-    if options.on_missing == "error":
-        # Refuse before scoring anything when a baseline is missing.
+    if "error" in (options.on_missing, options.on_unavailable):
+        # Refuse before scoring anything when a baseline is missing or unavailable.
         baselines = await resolving
-        refuse_missing(prompt_ids, baselines)
+        if options.on_unavailable == "error":
+            refuse_unavailable(prompt_ids, baselines, services.settings.store_cooldown_s)
+        if options.on_missing == "error":
+            refuse_missing(prompt_ids, baselines)
         scores = await score_items(engine, body.items, truncation)
     else:
         scores, baselines = await asyncio.gather(
@@ -141,6 +145,23 @@ def refuse_missing(prompt_ids: list[str], baselines: dict[str, Baseline]) -> Non
         )
 
 
+def refuse_unavailable(
+    prompt_ids: Sequence[str], baselines: Mapping[str, Baseline], cooldown_s: float
+) -> None:
+    """503 ``store_unavailable`` listing the prompts whose baseline the store could not give
+    (``on_unavailable: error``); retry after the store's cool-down, no longer."""
+    unavailable = sorted({pid for pid in prompt_ids if baselines[pid].source == "unavailable"})
+    if unavailable:
+        raise ServiceError(
+            503,
+            f"the baseline store is unavailable for {len(unavailable)} prompt(s); retry, or use "
+            "on_unavailable null|raw",
+            details={"unavailable_prompt_ids": unavailable},
+            error_type="store_unavailable",
+            headers={"Retry-After": str(max(1, math.ceil(cooldown_s)))},
+        )
+
+
 def with_baseline(
     score: Score,
     source: BaselineSource,
@@ -148,7 +169,8 @@ def with_baseline(
     options: ContrastiveOptions,
     std_floor: float,
 ) -> RewardResult:
-    """One result: reward, baseline and contrastive reward, or what ``on_missing`` says."""
+    """One result: reward, baseline and contrastive reward, or what ``on_unavailable`` (the
+    store failed) or ``on_missing`` (no baseline stored) says."""
     result = RewardResult(
         reward=score.reward,
         tokens=score.tokens,
@@ -161,6 +183,10 @@ def with_baseline(
         result.contrastive = contrastive(
             score.reward, ref.value, ref.std, options.normalize, std_floor
         )
+    elif source == "unavailable":
+        # Not "missing": an outage must not silently swap r - b for r.
+        if options.on_unavailable == "raw":
+            result.contrastive = score.reward
     elif options.on_missing == "raw":
         result.contrastive = score.reward
     return result

@@ -21,6 +21,7 @@ from service.settings import Truncation
 NonEmpty = Annotated[str, StringConstraints(min_length=1), Field(strict=True)]
 Role = Literal["system", "user", "assistant", "tool"]
 BaselineSource = Literal["cache", "computed", "missing", "unavailable"]
+OnUnavailable = Literal["null", "raw", "error"]
 # ASCII digits: Python's \d also takes other scripts' digits, JSON Schema's (ECMA) does not.
 AGGREGATE = re.compile(r"(mean|median|min|max|quantile:(0(\.[0-9]+)?|1(\.0+)?))")
 
@@ -109,6 +110,11 @@ class ContrastiveOptions(StrictBody):
     )
     normalize: Literal["none", "std"] = "none"
     on_missing: Literal["null", "raw", "error"] = "null"
+    on_unavailable: OnUnavailable = Field(
+        default="null",
+        description="when the baseline store failed: null (contrastive null), raw (contrastive "
+        "= reward) or error (503 store_unavailable listing the prompt ids)",
+    )
 
     @field_validator("aggregate")
     @classmethod
@@ -254,6 +260,11 @@ class GetRewardRequest(BaseModel):
     query: list[Annotated[str, Field(strict=True)]]
     prompts: list[Annotated[str, Field(strict=True)]] | None = None
     labels: list[object] | None = None
+    on_unavailable: OnUnavailable | None = Field(
+        default=None,
+        description="when the baseline store failed: null (reward 0.0), raw (the raw reward) or "
+        "error (503); default CRS_GET_REWARD_ON_UNAVAILABLE",
+    )
 
 
 class GetRewardResponse(BaseModel):

@@ -15,7 +15,6 @@ from transformers import AutoTokenizer
 
 from tests.models import DirectScorer
 from trainer_client.launch import ServiceProcess
-from trainer_client.prompt_id import prompt_id
 
 TOLERANCE = 1e-4
 QUESTIONS = ["What is the capital of France?", "Name a prime number.", "Why is the sky blue?"]
@@ -27,7 +26,7 @@ SOURCES = ["cache", "computed", "missing", "unavailable"]
 @pytest.fixture(scope="module")
 def served(tiny_llama: Path) -> Iterator[tuple[ServiceProcess, list[str], list[str]]]:
     """A server with a baseline for the first question only, pushed the way the OpenRLHF docs
-    say: the raw conversation as prompt, the id of the formatted prompt OpenRLHF will send."""
+    say: the prompt formatted as the policy (here the reward model's template) renders it."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
     prompts = [
@@ -39,7 +38,7 @@ def served(tiny_llama: Path) -> Iterator[tuple[ServiceProcess, list[str], list[s
     ]
     with ServiceProcess(tiny_llama) as server:
         server.wait_ready()
-        item = {"prompt": chats[0], "prompt_id": prompt_id(prompts[0]), "responses": BASELINE}
+        item = {"prompt": prompts[0], "responses": BASELINE}
         pushed = httpx.put(f"{server.url}/v1/baselines", json={"items": [item]}, timeout=60)
         assert pushed.status_code == 200, pushed.text
         yield server, prompts, queries
@@ -55,7 +54,9 @@ def get_reward(server: ServiceProcess, body: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def direct(tiny_llama: Path) -> tuple[list[float], float]:
     """Raw rewards of the three answers and the first question's baseline mean, computed with
-    a plain per-item forward."""
+    a plain per-item forward. The queries use the reward model's own template, which ends each
+    turn with "</s>\n": a baseline response rendered as such a query (prompt, response, end
+    marker) is that template's rendering too."""
     scorer = DirectScorer(tiny_llama)
     raw = [scorer.reward(q, a) for q, a in zip(QUESTIONS, ANSWERS, strict=True)]
     return raw, float(np.mean([scorer.reward(QUESTIONS[0], r) for r in BASELINE]))
@@ -79,7 +80,8 @@ def test_a_batch_gets_contrastive_rewards_where_baselines_exist(
     logs = answer["extra_logs"]
     assert logs["raw_reward"] == pytest.approx(raw, abs=TOLERANCE)
     assert logs["baseline"] == pytest.approx([baseline, 0.0, 0.0], abs=TOLERANCE)
-    assert logs["baseline_cache"] == [1.0, 0.0, 0.0]
+    found = [c + d for c, d in zip(logs["baseline_cache"], logs["baseline_computed"], strict=True)]
+    assert found == [1.0, 0.0, 0.0]  # computed the first time under the query rendering
     assert logs["baseline_missing"] == [0.0, 1.0, 1.0]
     # OpenRLHF turns every extra_logs list into a tensor: numbers only, one per query.
     for values in logs.values():

@@ -247,7 +247,7 @@ def test_a_store_that_is_down_gives_unavailable_and_200_then_is_left_alone() -> 
         for [result] in (first, second):
             assert result["baseline_source"] == "unavailable"
             assert result["reward"] == pytest.approx(0.1)
-        assert first[0]["contrastive"] == pytest.approx(0.1)  # on_missing raw
+        assert first[0]["contrastive"] is None  # on_missing raw: an outage is not missing
         assert second[0]["contrastive"] is None  # unavailable is not missing: no 409
         assert store.tries == 1  # the second request came within the cool-down
         assert metric(text, "crs_store_skipped_total") == 1

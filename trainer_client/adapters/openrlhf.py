@@ -10,16 +10,24 @@ Configure it with the environment of the OpenRLHF workers:
 ``CRS_URL`` (required; a comma list for several replicas) and ``CRS_API_TOKEN``. The other
 mode, ``--remote_rm_url http://crs:8000/get_reward``, needs no file at all; this one adds
 retries across replicas.
+
+When the baseline store is down, a query's reward is what the service's
+``CRS_GET_REWARD_ON_UNAVAILABLE`` says: by default 0.0, the neutral value of a contrastive
+reward (no improvement over the SFT baseline), never the raw reward, whose scale differs by the
+baseline. Such queries are counted in ``extra_logs["baseline_unavailable"]`` (OpenRLHF logs its
+mean) and in a warning of this module's logger (docs/openrlhf.md).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from trainer_client.client import RewardClient
 
+log = logging.getLogger("crs.adapters.openrlhf")
 _clients: dict[tuple[str, ...], RewardClient] = {}
 
 
@@ -41,6 +49,7 @@ def reward_func(
     import torch
 
     answer = client_from_env().get_reward(list(queries), list(prompts))
+    warn_unavailable(answer.extra_logs.get("baseline_unavailable", []))
     return {
         "rewards": torch.tensor(answer.rewards, dtype=torch.float32),
         "scores": torch.tensor(answer.scores, dtype=torch.float32),
@@ -49,3 +58,15 @@ def reward_func(
             for key, values in answer.extra_logs.items()
         },
     }
+
+
+def warn_unavailable(flags: Sequence[float]) -> None:
+    """Log how many queries got no baseline because the store was down (their reward is the
+    service's ``CRS_GET_REWARD_ON_UNAVAILABLE`` value, 0.0 by default)."""
+    if count := int(sum(flags)):
+        log.warning(
+            "crs: the baseline store was unavailable for %d of %d queries; their reward is the "
+            "service's on_unavailable value (0.0 by default)",
+            count,
+            len(flags),
+        )
