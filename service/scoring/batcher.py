@@ -7,6 +7,11 @@ the oldest waiting item, grown on the side that wastes less padding, as large as
 budget allows counted with padding. So the device never waits for the event loop, and every
 batch is formed from everything that arrived while the previous one ran. A GPU has one device
 thread; a CPU may have several, each running its own batches on its share of the cores.
+
+No exception ends a device thread: a failed forward is retried by halves, so only the requests
+of the items that fail again fail, and a fault in forming a batch fails only the request it was
+formed around. A thread that dies anyway (its ``worker_init`` failed, or a ``BaseException``) is
+counted in ``device_health``; once none is left, every waiting and later request fails at once.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +51,41 @@ class QueueTimeout(TimeoutError):
 
 
 class BatchFailed(RuntimeError):
-    """The forward pass of a batch holding some of this request's items failed."""
+    """The forward pass of some of this request's items failed (the log has why)."""
+
+
+class ScoringUnavailable(BatchFailed):
+    """Scoring cannot run on this replica now, through no fault of the request: another
+    replica (or this one, restarted) can serve it."""
+
+
+class ServiceStopping(ScoringUnavailable):
+    """The service is shutting down: the request was not (fully) scored."""
+
+    def __init__(self) -> None:
+        super().__init__("the service is shutting down; retry on another replica")
+
+
+class DeviceThreadsDead(ScoringUnavailable):
+    """A device thread died (with this request's batch, or the last one): only a restart of
+    the process brings it back."""
+
+    def __init__(self, died: int, started: int) -> None:
+        super().__init__(f"{died} of {started} device threads died; this replica needs a restart")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceHealth:
+    """How many device threads were started, are alive, and ended other than by ``stop()``."""
+
+    started: int
+    alive: int
+    died: int
+
+    @property
+    def all_dead(self) -> bool:
+        """Threads were started, some died, and none is left to score."""
+        return self.died > 0 and self.alive == 0
 
 
 class BatchObserver(Protocol):
@@ -98,7 +138,10 @@ class _Window:
 
     @property
     def efficiency(self) -> float:
-        return self.real / self.padded
+        # Zero-length items pad nothing; the formatter refuses them, but the batcher must not
+        # divide by zero on its device thread if one slips through.
+        padded = self.padded
+        return self.real / padded if padded else 1.0
 
     def grown(self, item: _Item, *, below: bool) -> _Window:
         length = item.encoded.length
@@ -150,6 +193,8 @@ class Batcher:
     _threads: list[threading.Thread] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
     _throughput: _Throughput = field(default_factory=_Throughput)
+    _alive: int = 0
+    _died: int = 0
 
     def start(self) -> None:
         """Start the device threads; results come back to the running event loop."""
@@ -158,6 +203,8 @@ class Batcher:
             threading.Thread(target=self._run_device, name=f"crs-device-{n}", daemon=True)
             for n in range(self.workers)
         ]
+        with self._changed:
+            self._alive = len(self._threads)
         for thread in self._threads:
             thread.start()
 
@@ -168,7 +215,7 @@ class Batcher:
             waiting = {item.owner for item in self._sorted}
             self._changed.notify_all()
         for owner in waiting:
-            self._fail(owner, BatchFailed("the service is shutting down"), "shutdown")
+            self._fail(owner, ServiceStopping(), "shutdown")
         for thread in self._threads:
             # A forward in progress finishes on its own; do not hold the loop for it.
             await asyncio.to_thread(thread.join, 30)
@@ -177,12 +224,20 @@ class Batcher:
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
+    @property
+    def device_health(self) -> DeviceHealth:
+        """The device threads: started, alive, and died (ended other than by ``stop()``)."""
+        with self._changed:
+            return DeviceHealth(started=len(self._threads), alive=self._alive, died=self._died)
+
     async def submit(self, encoded: Sequence[Encoded], timeout_s: float) -> list[float]:
         """Rewards of ``encoded`` in order, scored in batches shared with other requests."""
         if not encoded:
             return []
         if self._stopping:
-            raise BatchFailed("the service is shutting down")
+            raise ServiceStopping()
+        if self._died and not self._alive:
+            raise DeviceThreadsDead(self._died, len(self._threads))
         tokens = sum(item.length for item in encoded)
         # An empty queue admits anything, so a single large request can never be locked out.
         if self._queued_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
@@ -231,20 +286,19 @@ class Batcher:
             if dropped:
                 self._queue_changed()
         if dropped:
-            self.observer.items_dropped(reason, len(dropped))
+            _observe(self.observer.items_dropped, reason, len(dropped))
 
     def _finish(
-        self, batch: list[_Item], rewards: list[float] | None, error: BaseException | None
+        self, batch: list[_Item], rewards: Sequence[float | None], failure: BatchFailed
     ) -> None:
-        """Back on the loop: hand each reward to its request, or fail the batch's requests."""
-        if error is not None or rewards is None:
-            failure = BatchFailed(f"scoring failed: {type(error).__name__}: {error}")
-            for owner in {item.owner for item in batch}:
-                self._fail(owner, failure, "batch_failed")
-            return
+        """Back on the loop: hand each reward to its request; a request with an item that
+        could not be scored (None) fails with ``failure``, every other one gets its rewards."""
+        for item, reward in zip(batch, rewards, strict=True):
+            if reward is None:
+                self._fail(item.owner, failure, "batch_failed")
         for item, reward in zip(batch, rewards, strict=True):
             owner = item.owner
-            if owner.closed:
+            if reward is None or self._settled(owner):
                 continue  # timed out, cancelled or failed meanwhile: nobody waits for it
             owner.rewards[item.index] = reward
             owner.remaining -= 1
@@ -252,42 +306,130 @@ class Batcher:
                 owner.closed = True
                 owner.future.set_result(owner.rewards)
 
+    def _settled(self, owner: _Request) -> bool:
+        """Whether nobody waits for this request's rewards any more.
+
+        Python 3.12's ``Task.cancel()`` cancels the future itself at once, while the task only
+        runs ``_drop`` on a later turn of the loop: a done future is a closed request already.
+        """
+        if not owner.closed and owner.future.done():
+            self._drop(owner, "cancelled")
+        return owner.closed
+
     def _fail(self, owner: _Request, error: Exception, reason: str) -> None:
-        if owner.closed:
+        if self._settled(owner):
             return
         self._drop(owner, reason)
         owner.future.set_exception(error)
 
+    def _fail_waiting(self, error: Exception, reason: str) -> None:
+        """Fail every request with an item still in the queue (on the loop)."""
+        with self._changed:
+            waiting = {item.owner for item in self._sorted}
+        for owner in waiting:
+            self._fail(owner, error, reason)
+
     # --- the device thread's side ----------------------------------------------------------
 
     def _run_device(self) -> None:
-        if self.worker_init is not None:
-            self.worker_init()
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
+        batch: list[_Item] | None = None
+        ended_by_stop = False
+        try:
+            if self.worker_init is not None:
+                self.worker_init()
+            while (batch := self._next_batch()) is not None:
+                self._run_batch(batch)
+                batch = None
+            ended_by_stop = True
+        except BaseException as exc:
+            # Only a BaseException or a failed worker_init gets here: the thread is lost.
+            log.critical("device thread %s died", threading.current_thread().name, exc_info=exc)
+            if batch:
+                lost = DeviceThreadsDead(self._died + 1, len(self._threads))
+                self._to_loop(self._finish, batch, [None] * len(batch), lost)
+        finally:
+            self._thread_ended(ended_by_stop)
+
+    def _thread_ended(self, ended_by_stop: bool) -> None:
+        with self._changed:
+            self._alive -= 1
+            if not ended_by_stop:
+                self._died += 1
+            last_gone = not self._alive and self._died and not self._stopping
+            error = DeviceThreadsDead(self._died, len(self._threads))
+        if last_gone:
+            # Nobody is left to take the queue: fail it now rather than at each time limit.
+            self._to_loop(self._fail_waiting, error, "devices_dead")
+
+    def _run_batch(self, batch: list[_Item]) -> None:
+        """Score one batch and hand the rewards to the loop; never raises an ``Exception``."""
+        try:
             started = time.perf_counter()
+            rewards, failure = self._forward_by_halves(batch)
+            if None not in rewards:  # the throughput of a batch that ran as one
+                self._record(batch, time.perf_counter() - started)
+        except Exception as exc:  # a fault of the batcher itself: fail this batch only
+            incident = uuid.uuid4().hex[:12]
+            log.error("batch of %d items failed (incident %s)", len(batch), incident, exc_info=exc)
+            rewards, failure = [None] * len(batch), _scoring_failed(incident)
+        self._to_loop(self._finish, batch, rewards, failure)
+
+    def _forward_by_halves(self, batch: list[_Item]) -> tuple[list[float | None], BatchFailed]:
+        """The batch's rewards; a failed forward is retried by halves so that only the items
+        failing alone get None. At most ``2 * bit_length(len(batch))`` forwards may fail (enough
+        to isolate two culprits; a device that fails everything fails the rest at once)."""
+        rewards: list[float | None] = [None] * len(batch)
+        failures_left = 2 * len(batch).bit_length()
+        incident = uuid.uuid4().hex[:12]
+        pending = [(0, len(batch))]
+        while pending:
+            low, high = pending.pop()
             try:
-                rewards: list[float] | None = self.forward([item.encoded for item in batch])
-                error: BaseException | None = None
+                got = self.forward([item.encoded for item in batch[low:high]])
             except Exception as exc:
-                log.error("a batch of %d items failed: %s", len(batch), exc, exc_info=exc)
-                rewards, error = None, exc
-            seconds = time.perf_counter() - started
-            if rewards is not None:
-                self._record(batch, seconds)
-            self._to_loop(self._finish, batch, rewards, error)
+                failures_left -= 1
+                log.error(
+                    "a forward of %d items failed (incident %s)",
+                    high - low,
+                    incident,
+                    exc_info=exc,
+                )
+                if high - low > 1 and failures_left > 0:
+                    middle = (low + high) // 2
+                    pending += [(middle, high), (low, middle)]
+                continue
+            rewards[low:high] = got
+        return rewards, _scoring_failed(incident)
 
     def _next_batch(self) -> list[_Item] | None:
         """Block until a batch should run (None once stopping), and take it off the queue."""
         with self._changed:
             while not self._stopping:
-                wait = self._take_or_wait(time.monotonic())
+                try:
+                    wait = self._take_or_wait(time.monotonic())
+                except Exception as exc:
+                    self._evict_oldest(exc)
+                    continue
                 if isinstance(wait, list):
                     return wait
                 self._changed.wait(wait)
         return None
+
+    def _evict_oldest(self, error: Exception) -> None:
+        """Forming a batch around the oldest item failed: fail that item's request, so the
+        queue moves on instead of failing the same way for ever (under the lock)."""
+        incident = uuid.uuid4().hex[:12]
+        log.error("forming a batch failed (incident %s)", incident, exc_info=error)
+        try:
+            owners = {self._oldest().owner}
+        except IndexError:  # the queue's order itself is broken: start it afresh
+            owners = {item.owner for item in self._sorted}
+        for item in [item for item in self._sorted if item.owner in owners]:
+            self._unqueue(item)
+        self._arrivals = deque(item for item in self._arrivals if item.queued)
+        self._queue_changed()
+        for owner in owners:
+            self._to_loop(self._fail, owner, _scoring_failed(incident), "batch_failed")
 
     def _take_or_wait(self, now: float) -> list[_Item] | float | None:
         """A batch to run now, or how long to wait for more items (None: until notified)."""
@@ -305,7 +447,7 @@ class Batcher:
         for item in batch:
             self._unqueue(item)
         self._queue_changed()
-        self.observer.items_waited([now - item.owner.enqueued_at for item in batch])
+        _observe(self.observer.items_waited, [now - item.owner.enqueued_at for item in batch])
         return batch
 
     def _oldest(self) -> _Item:
@@ -314,12 +456,17 @@ class Batcher:
         return self._arrivals[0]
 
     def _window(self, anchor: _Item) -> _Window:
-        """The slice of the sorted queue around ``anchor`` that fits the budget counted with
-        padding, grown one neighbour at a time on the side that wastes less padding, and never
-        below ``min_efficiency`` real tokens per computed token."""
+        """The slice of the sorted queue around ``anchor`` to run as one batch.
+
+        It grows one neighbour at a time on the side that wastes less padding, as far as the
+        budget counted with padding allows; of those windows, the largest whose whole padded
+        cost keeps ``min_efficiency`` real tokens per computed token is taken. (Testing each
+        step alone would stop at the first short neighbour and leave a batch of one beside
+        many items that fit well together.)"""
         items = self._sorted
         low = bisect.bisect_left(items, anchor.key, key=_key)
         window = _Window(low, low + 1, real=anchor.encoded.length, width=anchor.encoded.length)
+        chosen = window
         while True:
             options = []
             if window.low > 0:
@@ -327,20 +474,21 @@ class Batcher:
             if window.high < len(items):
                 options.append(window.grown(items[window.high], below=False))
             if not options:
-                return window
+                return chosen
             best = max(options, key=lambda w: w.efficiency)
             if best.padded > self.max_batch_tokens:
-                window.budget_full = True
-                return window
-            if best.efficiency < self.min_efficiency:
-                return window
+                chosen.budget_full = True
+                return chosen
             window = best
+            if window.efficiency >= self.min_efficiency:
+                chosen = window
 
     def _record(self, batch: list[_Item], seconds: float) -> None:
         lengths = [item.encoded.length for item in batch]
         # Each device thread runs at about this rate, side by side with the others.
         self._throughput.record(sum(lengths) * self.workers, seconds)
-        self.observer.batch_done(
+        _observe(
+            self.observer.batch_done,
             items=len(batch),
             real_tokens=sum(lengths),
             padded_tokens=len(batch) * max(lengths),
@@ -362,7 +510,7 @@ class Batcher:
         self._queued_tokens -= item.encoded.length
 
     def _queue_changed(self) -> None:
-        self.observer.queue_changed(len(self._sorted), self._queued_tokens)
+        _observe(self.observer.queue_changed, len(self._sorted), self._queued_tokens)
 
     def _retry_after_s(self) -> int:
         rate = self._throughput.tokens_per_s
@@ -372,3 +520,17 @@ class Batcher:
 
 def _key(item: _Item) -> tuple[int, int]:
     return item.key
+
+
+def _scoring_failed(incident: str) -> BatchFailed:
+    # What the caller reads names nothing internal (device, paths, memory figures): the log
+    # has the exception under the same incident id.
+    return BatchFailed(f"the reward model failed on an item of this request (incident {incident})")
+
+
+def _observe(report: Callable[..., None], *args: object, **kwargs: object) -> None:
+    """Report to the observer; a failing report (metrics) must never cost a batch or a thread."""
+    try:
+        report(*args, **kwargs)
+    except Exception:
+        log.exception("the batch observer failed")
