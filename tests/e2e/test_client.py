@@ -133,7 +133,7 @@ def test_retries_run_out_with_the_servers_error(proxy: FaultProxy) -> None:
 
 def test_a_validation_error_is_raised_at_once_with_its_details(proxy: FaultProxy) -> None:
     items = mixed_items(40, seed=6, max_words=10)
-    items[37]["response"] = ""  # the client leaves value rules to the service: a 422
+    items[37]["prompt"] = ""  # the client leaves value rules to the service: a 422
     with (
         RewardClient(proxy.url, chunk_size=32, retry=FAST) as client,
         pytest.raises(RewardServiceError) as caught,
@@ -142,8 +142,8 @@ def test_a_validation_error_is_raised_at_once_with_its_details(proxy: FaultProxy
     error = caught.value
     assert (error.status, error.error_type, error.retries) == (422, "validation_error", 0)
     assert error.offset == 32
-    assert error.details[0]["loc"] == ["items", 5, "response"]  # 32 + 5 = item 37
-    assert "response" in error.message
+    assert error.details[0]["loc"][:3] == ["items", 5, "prompt"]  # 32 + 5 = item 37
+    assert "prompt" in error.message
     assert [request.status for request in proxy.paths("/v1/rewards")].count(422) == 1
 
 
