@@ -28,7 +28,13 @@ from service.api.schemas import (
 )
 from service.baselines.contrastive import BaselineStats, aggregate, contrastive
 from service.baselines.service import Baseline, Scorer
-from service.scoring.batcher import BatchFailed, Overloaded, QueueTimeout
+from service.scoring.batcher import (
+    BatchFailed,
+    Overloaded,
+    QueueTimeout,
+    ScoringUnavailable,
+    ServiceStopping,
+)
 from service.scoring.engine import EngineNotReady, RewardEngine
 from service.scoring.types import (
     EmptyInput,
@@ -251,5 +257,10 @@ def engine_errors() -> Iterator[None]:
         raise ServiceError(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
     except QueueTimeout as exc:
         raise ServiceError(504, f"timed out: {exc}") from exc
+    except ScoringUnavailable as exc:
+        # Shutting down or device threads dead: another replica can serve it, and soon.
+        retry_after = "1" if isinstance(exc, ServiceStopping) else "5"
+        raise ServiceError(503, str(exc), headers={"Retry-After": retry_after}) from exc
     except BatchFailed as exc:
+        # Its message names an incident id and nothing internal; the log has the exception.
         raise ServiceError(500, str(exc)) from exc

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, Protocol
 
-from service.scoring.batcher import Batcher, BatchObserver
+from service.scoring.batcher import Batcher, BatchObserver, DeviceHealth
 from service.scoring.formatting import input_chars
 from service.scoring.model import RewardModel, load_reward_model
 from service.scoring.types import (
@@ -52,6 +52,11 @@ class RewardEngine(Protocol):
 
     @property
     def load_error(self) -> str | None: ...
+
+    @property
+    def device_health(self) -> DeviceHealth:
+        """The device threads scoring runs on: started, alive, died (none before start)."""
+        ...
 
     async def astart(self) -> None:
         """Load and warm the model; returns when ready, raises when the load failed."""
@@ -93,6 +98,11 @@ class HFRewardEngine:
     @property
     def load_error(self) -> str | None:
         return self._load_error
+
+    @property
+    def device_health(self) -> DeviceHealth:
+        batcher = self._batcher
+        return batcher.device_health if batcher else DeviceHealth(started=0, alive=0, died=0)
 
     async def astart(self) -> None:
         loop = asyncio.get_running_loop()

@@ -16,6 +16,7 @@ import httpx
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
+from service.scoring.batcher import DeviceHealth
 from service.scoring.engine import EngineState
 from service.scoring.types import InputTooLong, ModelInfo, Prompt, RewardInput, Score
 from service.settings import Truncation
@@ -55,6 +56,7 @@ class FakeEngine:
     ``load_gate`` / ``score_gate``: when set, ``astart`` / ``score`` wait for the event, so a
     test can observe the "loading" state or a request in flight. ``fail_load``: ``astart``
     fails with that message. ``fail_next_score``: the next ``score`` raises that exception.
+    ``devices``: what ``device_health`` reports (one live thread; a test may kill them).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class FakeEngine:
         self._score_error: Exception | None = None
         self._state: EngineState = "loading"
         self._load_error: str | None = None
+        self.devices = DeviceHealth(started=1, alive=1, died=0)
 
     @property
     def state(self) -> EngineState:
@@ -102,6 +105,10 @@ class FakeEngine:
     @property
     def load_error(self) -> str | None:
         return self._load_error
+
+    @property
+    def device_health(self) -> DeviceHealth:
+        return self.devices
 
     @property
     def items_scored(self) -> int:
