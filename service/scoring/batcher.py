@@ -386,6 +386,8 @@ class Batcher:
             low, high = pending.pop()
             try:
                 got = self.forward([item.encoded for item in batch[low:high]])
+                if len(got) != high - low:
+                    raise ValueError(f"{len(got)} rewards for {high - low} items")
             except Exception as exc:
                 failures_left -= 1
                 log.error(

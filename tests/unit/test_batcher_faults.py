@@ -293,3 +293,31 @@ def test_a_request_cancelled_after_its_batch_finished_costs_its_mates_nothing(
 
     asyncio.run(body())
     assert loop_errors == []
+
+
+class ShortModel(Model):
+    """Answers one reward too few for any batch holding a POISON item."""
+
+    def forward(self, batch: Sequence[Encoded]) -> list[float]:
+        return super().forward([e for e in batch if e.input_ids[0] != POISON])
+
+
+def test_a_forward_answering_the_wrong_number_of_rewards_fails_only_that_item() -> None:
+    """The old hand-over zipped strictly on the loop: the callback raised and every request
+    of the batch waited for its time limit."""
+
+    async def body() -> None:
+        model = ShortModel()
+        async with running(model, budget=4096) as (batcher, _):
+            held = await hold_device(batcher, model)
+            bad = asyncio.ensure_future(batcher.submit([encoded(10, tag=POISON)], LIMIT_S))
+            good = asyncio.ensure_future(batcher.submit([encoded(10, tag=3)], LIMIT_S))
+            while batcher.queued_tokens < 20:
+                await asyncio.sleep(0)
+            model.gate.set()
+            with pytest.raises(BatchFailed):
+                await bad
+            assert await good == [3010.0]
+            await held
+
+    asyncio.run(body())
