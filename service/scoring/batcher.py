@@ -337,7 +337,7 @@ class Batcher:
         try:
             if self.worker_init is not None:
                 self.worker_init()
-            while (batch := self._next_batch()) is not None:
+            while (batch := self._next_batch_or_reset()) is not None:
                 self._run_batch(batch)
                 batch = None
             ended_by_stop = True
@@ -402,6 +402,26 @@ class Batcher:
                 continue
             rewards[low:high] = got
         return rewards, _scoring_failed(incident)
+
+    def _next_batch_or_reset(self) -> list[_Item] | None:
+        """The next batch; should forming one fail beyond ``_evict_oldest``'s repair, every
+        waiting request fails and the queue starts afresh, so the thread can go on."""
+        while True:
+            try:
+                return self._next_batch()
+            except Exception as exc:
+                incident = uuid.uuid4().hex[:12]
+                log.error("the queue was reset (incident %s)", incident, exc_info=exc)
+                with self._changed:
+                    owners = {item.owner for item in self._sorted}
+                    for item in self._sorted:
+                        item.queued = False
+                    self._sorted.clear()
+                    self._arrivals.clear()
+                    self._queued_tokens = 0
+                    self._queue_changed()
+                for owner in owners:
+                    self._to_loop(self._fail, owner, _scoring_failed(incident), "batch_failed")
 
     def _next_batch(self) -> list[_Item] | None:
         """Block until a batch should run (None once stopping), and take it off the queue."""

@@ -321,3 +321,31 @@ def test_a_forward_answering_the_wrong_number_of_rewards_fails_only_that_item() 
             await held
 
     asyncio.run(body())
+
+
+def test_a_fault_beyond_repair_resets_the_queue_and_the_thread_goes_on() -> None:
+    """Forming a batch fails and so does the repair (both injected): the waiting requests
+    fail, the thread lives and serves the next request."""
+
+    async def body() -> None:
+        async with running(Model()) as (batcher, _):
+            window, broken = batcher._window, [True]
+
+            def faulty(anchor: Any) -> Any:
+                if broken[0]:
+                    raise ValueError("injected fault")
+                return window(anchor)
+
+            def failing_repair(error: Exception) -> None:
+                broken[0] = False
+                raise ValueError("injected repair fault")
+
+            batcher._window = faulty  # type: ignore[method-assign]
+            batcher._evict_oldest = failing_repair  # type: ignore[method-assign]
+            with pytest.raises(BatchFailed, match="incident"):
+                await batcher.submit([encoded(4, tag=2)], LIMIT_S)
+            assert batcher.queued_tokens == 0
+            assert await batcher.submit([encoded(4, tag=3)], LIMIT_S) == [3004.0]
+            assert batcher.device_health == DeviceHealth(started=1, alive=1, died=0)
+
+    asyncio.run(body())
