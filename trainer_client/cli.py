@@ -52,11 +52,19 @@ def _add_push_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     push = commands.add_parser(
         "push-baselines",
         help="upload a baseline JSONL file to the service (PUT /v1/baselines)",
-        description="Upload a baseline file in chunks, retrying 429/503/504 and connection "
-        "failures. Idempotent under --mode replace: after a failure, run it again.",
+        description="Upload a baseline file in chunks through the reward client, retrying "
+        "429/503/504 and connection failures on the next replica. Each line is sent with an "
+        "upload id derived from it, so re-running after a failure stores every line once, "
+        "under --mode append too.",
     )
     push.add_argument("file", type=Path, help="baseline JSONL written by sample-baselines")
-    push.add_argument("--url", required=True, help="service base URL, e.g. http://rm-0:8000")
+    push.add_argument(
+        "--url",
+        action="append",
+        required=True,
+        help="service base URL, e.g. http://rm-0:8000; several replicas: repeat --url or "
+        "give a comma-separated list",
+    )
     push.add_argument(
         "--token",
         default=os.environ.get("CRS_API_TOKEN"),
@@ -142,9 +150,10 @@ def run_push(args: argparse.Namespace) -> int:
         return _usage(f"{args.file} is not a file")
     if not args.timeout > 0:
         return _usage(f"--timeout must be > 0, got {args.timeout}")
+    urls = [url.strip() for given in args.url for url in given.split(",") if url.strip()]
     try:
         options = PushOptions(
-            url=args.url,
+            urls=urls,
             token=args.token,
             chunk_prompts=args.chunk_prompts,
             chunk_responses=args.chunk_responses,

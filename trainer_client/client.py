@@ -7,8 +7,11 @@ whether it is called from plain code or from a thread that is already running an
 
 Large inputs go out as requests of ``chunk_size`` items, at most ``max_concurrency`` in flight,
 and come back in input order. Each request is retried under a ``RetryPolicy`` (429, 503, 504,
-connection failures and timeouts; never another 4xx) on the next replica in turn; a replica
-that refused a connection or answered 503 is skipped for ``RetryPolicy.replica_cooldown_s``.
+connection failures and timeouts; never another 4xx, nor 507 store_full) on the next replica in
+turn; a replica that refused a connection or answered 503 is skipped for
+``RetryPolicy.replica_cooldown_s``. Every request is safe to repeat: scoring only reads, a
+replace stores the same thing again, and each baseline item carries an ``upload_id`` that the
+service applies once, so an append whose answer was lost is not stored twice by its retry.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
@@ -26,7 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from trainer_client.prompt_id import prompt_id
 from trainer_client.replicas import REPLICA_DOWN_STATUSES, Replicas, replica_down
-from trainer_client.retry import RetryPolicy, parse_retry_after, retryable_error
+from trainer_client.retry import RetryPolicy, parse_retry_after
 from trainer_client.wire import (
     BaselineItem,
     BaselinesPushResult,
@@ -228,9 +232,13 @@ class AsyncRewardClient:
     ) -> BaselinesPushResult:
         """Score and store each prompt's baseline responses (``PUT /v1/baselines``).
 
-        ``replace`` is idempotent and retried like scoring; ``append`` is not retried after
-        a failure that may have stored it (a read timeout, a dropped connection, a 504).
-        Prompts the store could not keep come back with ``stored=False`` and a reason.
+        Each item carries an ``upload_id`` (a new random one unless the item names its own),
+        sent again unchanged on every retry: the service applies an append of that id to that
+        prompt once, so both modes are retried like scoring, a read timeout or a 504 after the
+        append landed included (the retry answers ``stored=True, duplicate=True``). To make a
+        re-run of the whole call safe as well, give ids derived from the content, as
+        ``push-baselines`` does. Prompts the store could not keep come back with
+        ``stored=False``, a reason and an ``error_type``.
 
         Returns:
             Totals, and per prompt, in order, its statistics and whether it was stored.
@@ -242,7 +250,7 @@ class AsyncRewardClient:
         """
         if mode not in ("replace", "append"):
             raise ValueError(f"mode must be replace or append, got {mode!r}")
-        bodies = _to_json(items, BaselineItem)
+        bodies = _with_upload_ids(_to_json(items, BaselineItem))
         ids = _unique_prompt_ids(bodies)
         spans = _response_spans([len(body["responses"]) for body in bodies], self.chunk_size)
         answers = await _all_or_none(
@@ -276,7 +284,7 @@ class AsyncRewardClient:
         body: dict[str, Any] = {"query": list(queries)}
         if prompts is not None:
             body["prompts"] = list(prompts)
-        response = await self._send("POST", "/get_reward", body, idempotent=True, offset=offset)
+        response = await self._send("POST", "/get_reward", body, offset=offset)
         answer = _parse(OpenRLHFRewards, response, offset)
         _check_count(len(answer.rewards), len(queries), response, offset)
         return answer
@@ -289,7 +297,7 @@ class AsyncRewardClient:
             RewardServiceError: any other refusal, or retries ran out.
         """
         try:
-            response = await self._send("GET", "/v1/models", None, idempotent=True)
+            response = await self._send("GET", "/v1/models", None)
         except RewardServiceError as error:
             if error.status != 404:
                 raise
@@ -335,7 +343,7 @@ class AsyncRewardClient:
         self, items: list[dict[str, Any]], offset: int, options: dict[str, Any]
     ) -> list[RewardResult]:
         body = {"items": items, **options}
-        response = await self._send("POST", "/v1/rewards", body, idempotent=True, offset=offset)
+        response = await self._send("POST", "/v1/rewards", body, offset=offset)
         answer = _parse(RewardsAnswer, response, offset)
         _check_count(len(answer.results), len(items), response, offset)
         version = answer.model.version
@@ -348,11 +356,8 @@ class AsyncRewardClient:
         self, items: list[dict[str, Any]], ids: list[str], offset: int, mode: Mode
     ) -> BaselinesPushResult:
         body = {"items": items, "mode": mode}
-        # A replace stores the same thing twice over; an append twice would store twice.
-        idempotent = mode == "replace"
-        response = await self._send(
-            "PUT", "/v1/baselines", body, idempotent=idempotent, offset=offset
-        )
+        # Safe to retry in both modes: the items' upload ids make a repeated append a no-op.
+        response = await self._send("PUT", "/v1/baselines", body, offset=offset)
         answer = _parse(BaselinesPutAnswer, response, offset)
         _check_count(len(answer.results), len(items), response, offset)
         version = answer.model.version
@@ -380,7 +385,6 @@ class AsyncRewardClient:
         path: str,
         body: dict[str, Any] | None,
         *,
-        idempotent: bool,
         offset: int | None = None,
     ) -> httpx.Response:
         """One request, retried under the policy, each try on the next replica in turn.
@@ -391,7 +395,7 @@ class AsyncRewardClient:
         avoid: str | None = None
         retry = 0
         while True:
-            outcome = await self._try(method, path, body, idempotent, offset, avoid)
+            outcome = await self._try(method, path, body, offset, avoid)
             if isinstance(outcome, httpx.Response):
                 return outcome
             if not outcome.retryable or retry >= self.retry.retries:
@@ -406,7 +410,6 @@ class AsyncRewardClient:
         method: str,
         path: str,
         body: dict[str, Any] | None,
-        idempotent: bool,
         offset: int | None,
         avoid: str | None,
     ) -> httpx.Response | _Failure:
@@ -418,23 +421,23 @@ class AsyncRewardClient:
             try:
                 response = await self._http.request(method, replica + path, json=body)
             except httpx.TransportError as error:
-                failure = self._transport_failure(error, replica, path, idempotent, offset)
+                failure = self._transport_failure(error, replica, path, offset)
             else:
                 if response.is_success:
                     return response
-                failure = self._status_failure(response, replica, idempotent, offset)
+                failure = self._status_failure(response, replica, offset)
             if failure.replica_down:
                 self.replicas.mark_down(replica)
             return failure
 
     def _status_failure(
-        self, response: httpx.Response, replica: str, idempotent: bool, offset: int | None
+        self, response: httpx.Response, replica: str, offset: int | None
     ) -> _Failure:
         status = response.status_code
         return _Failure(
             error=RewardServiceError.from_response(response, offset=offset),
             replica=replica,
-            retryable=self.retry.retryable_status(status, idempotent=idempotent),
+            retryable=self.retry.retryable_status(status),
             replica_down=status in REPLICA_DOWN_STATUSES,
             retry_after_s=parse_retry_after(response.headers),
         )
@@ -444,18 +447,14 @@ class AsyncRewardClient:
         error: httpx.TransportError,
         replica: str,
         path: str,
-        idempotent: bool,
         offset: int | None,
     ) -> _Failure:
-        retryable = retryable_error(error, idempotent=idempotent)
         message = f"{type(error).__name__}: {error}"
-        if not retryable:
-            message += " (not retried: the request may have taken effect)"
         url = replica + path
         return _Failure(
             error=RewardServiceError(message, error_type="unreachable", url=url, offset=offset),
             replica=replica,
-            retryable=retryable,
+            retryable=True,
             replica_down=replica_down(error),
             cause=error,
         )
@@ -639,6 +638,14 @@ def _to_json(
         except ValidationError as error:
             raise ValueError(f"item {index} is not a valid {model.__name__}: {error}") from None
         bodies.append(checked.to_json())
+    return bodies
+
+
+def _with_upload_ids(bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each baseline item with its ``upload_id``: the caller's, else a new random one. Chosen
+    once per call, before the first try, so that every retry of an item carries the same id."""
+    for body in bodies:
+        body.setdefault("upload_id", uuid.uuid4().hex)
     return bodies
 
 

@@ -1,14 +1,21 @@
 """Upload a baseline file to the service: ``crs-trainer push-baselines FILE --url URL``.
 
 The file is streamed (checked in a first pass, sent in a second) in chunks bounded by prompts
-and by responses, each one ``PUT /v1/baselines``. Refusals that mean "later" (429, 503, 504,
-connection failures, prompts answered ``stored: false``) are retried with the shared
-``RetryPolicy``; any other refusal stops the upload with the server's message. Under
-``replace`` a re-run is idempotent, so after a failure the fix is to run it again.
+and by responses, each one ``PUT /v1/baselines`` through ``RewardClient.push_baselines``, so
+the upload shares the client's retry policy (429, 503, 504 and connection failures, on the
+next replica), replica rotation and envelope parsing. Prompts answered ``stored: false`` for a
+reason a retry can fix are sent again; any other refusal stops the upload with the server's
+message.
+
+Every line's item carries an ``upload_id`` derived from the line (its number, prompt id and
+responses), the same on every retry and on every run over the same file: the service applies
+an append of an id once, so a re-run after any failure, in either mode, stores each line once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -18,27 +25,36 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, ValidationError
 
+from trainer_client.client import RewardClient, RewardServiceError
 from trainer_client.progress import ProgressBar
 from trainer_client.records import BaselineRecord, iter_baseline_file
-from trainer_client.retry import RetryPolicy, parse_retry_after, retryable_error
+from trainer_client.replicas import Replicas
+from trainer_client.retry import RetryPolicy
 
 log = logging.getLogger("crs.push")
 
 Mode = Literal["replace", "append"]
 
-_APPEND_NOT_RETRIED = "append is not retried after this: it may have been stored"
+# Reasons a prompt was not stored that another try cannot fix: Redis out of memory, or the
+# prompt's key holds a value crs did not write. The others (not_ready, conflict) are retried.
+_FINAL_ERRORS = frozenset({"store_full", "corrupt_entry"})
 
 # How many failed prompts the summary lists by id; the count covers the rest.
 _LISTED_FAILURES = 20
 
+# Versions the upload id's derivation: a new scheme must not collide with ids sent before.
+_UPLOAD_ID_SCHEME = "crs-push-1"
+
 
 @dataclass(frozen=True, kw_only=True)
 class PushOptions:
-    """Where and how to upload; validated at construction."""
+    """Where and how to upload; validated at construction.
 
-    url: str
+    ``urls`` are the replicas' base URLs, taken in turn (one is enough).
+    """
+
+    urls: Sequence[str]
     token: str | None = None
     chunk_prompts: int = 64
     chunk_responses: int = 1024
@@ -47,18 +63,14 @@ class PushOptions:
     timeout: httpx.Timeout = field(default_factory=lambda: httpx.Timeout(300.0, connect=10.0))
 
     def __post_init__(self) -> None:
-        check_url(self.url)
+        # The client's own check (absolute http(s) URLs, none twice), before anything is read.
+        Replicas(list(self.urls), 0.0)
         if self.chunk_prompts < 1:
             raise ValueError(f"chunk_prompts must be >= 1, got {self.chunk_prompts}")
         if self.chunk_responses < 1:
             raise ValueError(f"chunk_responses must be >= 1, got {self.chunk_responses}")
         if self.mode not in ("replace", "append"):
             raise ValueError(f"mode must be replace or append, got {self.mode!r}")
-
-    @property
-    def endpoint(self) -> str:
-        """``{url}/v1/baselines``; a path prefix in the URL (behind a proxy) is kept."""
-        return self.url.rstrip("/") + "/v1/baselines"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,14 +81,23 @@ class PromptOutcome:
     stored: bool
     mean: float | None = None
     error: str | None = None
+    error_type: str | None = None
+    duplicate: bool = False
+
+    @property
+    def worth_resending(self) -> bool:
+        """Not stored, for a reason another try can fix."""
+        return not self.stored and self.error_type not in _FINAL_ERRORS
 
 
 @dataclass(kw_only=True)
 class PushSummary:
-    """Totals of one upload; ``failed`` counts every prompt of the file not stored."""
+    """Totals of one upload; ``failed`` counts every prompt of the file not stored;
+    ``duplicates`` the stored ones an earlier upload of the same lines had applied already."""
 
     stored: int = 0
     failed: int = 0
+    duplicates: int = 0
     means: list[float] = field(default_factory=list)
     failures: list[PromptOutcome] = field(default_factory=list)
     model_versions: set[str] = field(default_factory=set)
@@ -92,6 +113,7 @@ class PushSummary:
         """Count one prompt's outcome."""
         if outcome.stored:
             self.stored += 1
+            self.duplicates += outcome.duplicate
             if outcome.mean is not None:
                 self.means.append(outcome.mean)
         else:
@@ -102,8 +124,9 @@ class PushSummary:
         """The one-line summary the command prints."""
         mean = "n/a" if self.mean_baseline is None else f"{self.mean_baseline:.6g}"
         models = ",".join(sorted(self.model_versions)) or "none"
+        already = f" ({self.duplicates} applied by an earlier upload)" if self.duplicates else ""
         return (
-            f"push-baselines: stored {self.stored} prompts, failed {self.failed}, "
+            f"push-baselines: stored {self.stored} prompts{already}, failed {self.failed}, "
             f"mean baseline {mean}, model {models}, {self.elapsed_s:.1f} s"
         )
 
@@ -112,42 +135,16 @@ class PushError(Exception):
     """The upload cannot go on: a refusal that retrying will not fix, or retries ran out."""
 
 
-class _Stored(BaseModel):
-    """One result of ``PUT /v1/baselines``; extra fields a newer service adds are ignored."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    prompt_id: str
-    stored: bool
-    mean: float | None = None
-    error: str | None = None
-
-
-class _ModelRef(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    version: str
-
-
-class _PutResponse(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: _ModelRef
-    results: list[_Stored]
-
-
-def check_url(url: str) -> None:
-    """Refuse anything but an absolute http(s) URL with a host.
-
-    Raises:
-        ValueError: naming the problem.
-    """
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL as error:
-        raise ValueError(f"bad --url {url!r}: {error}") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"bad --url {url!r}: expected http(s)://host[:port]")
+def upload_id(record: BaselineRecord) -> str:
+    """The upload id of one line of a baseline file: a digest of its line number, prompt id and
+    responses, so that every run over the same file sends the same id for the same line (a
+    re-run does not append it again) and two equal lines of a file are two uploads."""
+    content = json.dumps(
+        [_UPLOAD_ID_SCHEME, record.line, record.prompt_id, record.responses],
+        ensure_ascii=True,
+        separators=(",", ":"),
+    )
+    return "push-" + hashlib.sha256(content.encode("ascii")).hexdigest()[:40]
 
 
 def count_records(path: Path) -> int:
@@ -202,11 +199,16 @@ def push_baselines(
     started = time.monotonic()
     total = count_records(path)
     summary = PushSummary()
-    headers = {"Authorization": f"Bearer {options.token}"} if options.token else {}
-    with (
-        httpx.Client(timeout=options.timeout, headers=headers) as client,
-        ProgressBar(total, description="pushing", quiet=quiet) as bar,
-    ):
+    client = RewardClient(
+        options.urls,
+        token=options.token,
+        timeout=options.timeout,
+        retry=options.retry,
+        # One request per call: chunked() has bounded the responses already.
+        chunk_size=options.chunk_responses,
+        max_concurrency=1,
+    )
+    with client, ProgressBar(total, description="pushing", quiet=quiet) as bar:
         uploader = _Uploader(client=client, options=options, sleep=sleep, summary=summary)
         records = _sendable(iter_baseline_file(path), summary, bar)
         for chunk in chunked(records, options.chunk_prompts, options.chunk_responses):
@@ -252,9 +254,9 @@ def _sendable(
 
 @dataclass(kw_only=True)
 class _Uploader:
-    """Sends chunks with retries; one chunk's retries share one budget."""
+    """Sends chunks through the reward client and resends the prompts it could not store."""
 
-    client: httpx.Client
+    client: RewardClient
     options: PushOptions
     sleep: Callable[[float], None]
     summary: PushSummary
@@ -262,101 +264,51 @@ class _Uploader:
     def put(self, chunk: Sequence[BaselineRecord]) -> list[PromptOutcome]:
         """The outcome of every prompt of the chunk, in order.
 
-        Prompts answered ``stored: false`` are sent again (alone, so that append mode does
-        not store the others twice) until the retry budget is spent.
+        Prompts answered ``stored: false`` for a reason a retry can fix are sent again (only
+        they: the others are stored) until the policy's retries are spent. Their upload ids do
+        not change, so a prompt stored by a try whose answer was lost is not stored twice.
 
         Raises:
             PushError: on a refusal that retrying will not fix, or when retries ran out.
         """
+        items = [{**record.to_json(), "upload_id": upload_id(record)} for record in chunk]
         outcomes: dict[int, PromptOutcome] = {}
         pending = list(range(len(chunk)))
         retry = 0
         while True:
-            items = [chunk[i] for i in pending]
-            answer = self._send(items, retry)
-            if answer is None:
-                # Payload too large for the server: halve what is still pending and go on.
-                half = len(items) // 2
-                sent = self.put(items[:half]) + self.put(items[half:])
-            else:
-                retry, sent = answer.retries_used, answer.outcomes
+            sent = self._send([items[i] for i in pending])
             for position, outcome in zip(pending, sent, strict=True):
                 outcomes[position] = outcome
-            pending = [i for i in pending if not outcomes[i].stored]
+            pending = [i for i in pending if outcomes[i].worth_resending]
             if not pending or retry >= self.options.retry.retries:
                 return [outcomes[i] for i in range(len(chunk))]
             log.warning("%d prompt(s) not stored; retrying them", len(pending))
-            self._wait(retry, None)
+            self.sleep(self.options.retry.delay_s(retry))
             retry += 1
 
-    def _send(self, items: Sequence[BaselineRecord], retry: int) -> _Answer | None:
-        """One PUT of ``items``, retried on transient failures; None for 413 on several items."""
-        body = {"items": [item.to_json() for item in items], "mode": self.options.mode}
-        idempotent = self.options.mode == "replace"
-        while True:
-            try:
-                response = self.client.put(self.options.endpoint, json=body)
-            except httpx.TransportError as error:
-                reason = f"{type(error).__name__}: {error}"
-                if not retryable_error(error, idempotent=idempotent):
-                    message = f"{reason} ({_APPEND_NOT_RETRIED})"
-                    raise PushError(message) from error
-                retry = self._next_retry(retry, reason, None)
-                continue
-            status = response.status_code
-            if self.options.retry.retryable_status(status, idempotent=idempotent):
-                reason = f"HTTP {status}: {error_message(response)}"
-                retry = self._next_retry(retry, reason, parse_retry_after(response.headers))
-                continue
-            if status == 413 and len(items) > 1:
-                return None
-            if not response.is_success:
-                message = f"HTTP {status}: {error_message(response)}"
-                if self.options.retry.retryable_status(status):  # refused only as not idempotent
-                    message += f" ({_APPEND_NOT_RETRIED})"
-                raise PushError(message)
-            return _Answer(outcomes=self._outcomes(items, response), retries_used=retry)
-
-    def _next_retry(self, retry: int, reason: str, retry_after_s: float | None) -> int:
-        if retry >= self.options.retry.retries:
-            raise PushError(f"{reason}; gave up after {retry} retries")
-        log.warning("%s; retry %d of %d", reason, retry + 1, self.options.retry.retries)
-        self._wait(retry, retry_after_s)
-        return retry + 1
-
-    def _wait(self, retry: int, retry_after_s: float | None) -> None:
-        self.sleep(self.options.retry.delay_s(retry, retry_after_s))
-
-    def _outcomes(
-        self, items: Sequence[BaselineRecord], response: httpx.Response
-    ) -> list[PromptOutcome]:
+    def _send(self, items: Sequence[dict[str, Any]]) -> list[PromptOutcome]:
+        """One ``push_baselines`` of ``items`` (retried inside the client); a 413 on several
+        items sends each half on its own."""
         try:
-            parsed = _PutResponse.model_validate_json(response.content)
-        except ValidationError as error:
-            raise PushError(f"unexpected answer from {self.options.endpoint}: {error}") from None
-        if [r.prompt_id for r in parsed.results] != [item.prompt_id for item in items]:
-            raise PushError("the service answered for other prompts than were sent")
-        self.summary.model_versions.add(parsed.model.version)
+            answer = self.client.push_baselines(items, self.options.mode)
+        except RewardServiceError as error:
+            if error.status == 413 and len(items) > 1:
+                half = len(items) // 2
+                return self._send(items[:half]) + self._send(items[half:])
+            raise PushError(str(error)) from error
+        for result in answer.results:
+            self.summary.model_versions.add(result.model_version)
         return [
-            PromptOutcome(prompt_id=r.prompt_id, stored=r.stored, mean=r.mean, error=r.error)
-            for r in parsed.results
+            PromptOutcome(
+                prompt_id=r.prompt_id,
+                stored=r.stored,
+                mean=r.mean if r.stored else None,
+                error=r.error,
+                error_type=r.error_type,
+                duplicate=r.duplicate,
+            )
+            for r in answer.results
         ]
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Answer:
-    outcomes: list[PromptOutcome]
-    retries_used: int
-
-
-def error_message(response: httpx.Response) -> str:
-    """The message of the service's error envelope, or the start of whatever else came back
-    (a proxy in front of the service answers in its own format)."""
-    try:
-        body: Any = response.json()
-        return str(body["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return response.text[:200] or response.reason_phrase
 
 
 def failure_report(summary: PushSummary) -> list[str]:
@@ -369,5 +321,11 @@ def failure_report(summary: PushSummary) -> list[str]:
         lines.append(f"... and {hidden} more prompt(s) not stored")
     unsent = summary.failed - len(summary.failures)
     if unsent > 0:
-        lines.append(f"{unsent} prompt(s) were not sent; re-run to upload them")
+        lines.append(f"{unsent} prompt(s) were not sent")
+    if summary.failed:
+        # True in both modes: each line's upload id makes a stored line a no-op when resent.
+        lines.append(
+            "re-run the same command to upload the rest: lines already stored are not "
+            "stored again, under append too"
+        )
     return lines

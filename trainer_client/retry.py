@@ -1,9 +1,11 @@
 """When and how long to wait before trying an HTTP request again.
 
-One policy object for every caller (``push-baselines`` and the reward client), so the
-backoff rules live in one place: exponential backoff with full jitter, a server's
-``Retry-After`` honoured, and only failures that cannot have changed anything retried unless
-the request is idempotent.
+One policy object for every caller (``push-baselines`` and the reward client, which is also
+what ``push-baselines`` uploads through), so the backoff rules live in one place: exponential
+backoff with full jitter, kept above a server's ``Retry-After``. Every request the client sends
+may be repeated safely (scoring reads, a replace stores the same thing again, and an append
+carries upload ids the service applies once), so a retryable status or any transport failure
+is retried, whether or not the first try may have taken effect.
 """
 
 from __future__ import annotations
@@ -15,13 +17,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import httpx
-
-# 429 overloaded, 503 not ready, 504 timed out: the service refused or gave up before storing.
+# 429 overloaded, 503 not ready, 504 timed out: worth another try. 507 store_full (Redis out
+# of memory) is not: it lasts until someone frees memory.
 DEFAULT_RETRY_STATUSES = frozenset({429, 503, 504})
-
-# Answers after which the request may still have taken effect (see retryable_status).
-_MAYBE_APPLIED_STATUSES = frozenset({504})
 
 # Past 2**64 the backoff is far above any sane cap; clamping keeps the float finite.
 _MAX_EXPONENT = 64
@@ -79,8 +77,11 @@ class RetryPolicy:
         """Seconds to wait before retry number ``retry`` (0-based).
 
         Full jitter: uniform in ``[0, backoff_cap_s(retry)]``, so that many clients refused at
-        the same moment do not come back at the same moment. A server's ``Retry-After`` is a
-        floor (up to ``max_retry_after_s``): coming back earlier would only be refused again.
+        the same moment do not come back at the same moment. A server's ``Retry-After`` (up to
+        ``max_retry_after_s``) moves that whole range up, to ``[floor, floor + cap]``: coming
+        back earlier would only be refused again, and waiting exactly the floor would bring
+        every refused client back at once (a wave). So the wait is never below the floor nor
+        above ``max_retry_after_s + max_s``.
 
         Args:
             retry: how many retries came before this one.
@@ -90,17 +91,11 @@ class RetryPolicy:
         jittered = rng() * self.backoff_cap_s(retry)
         if retry_after_s is None or not math.isfinite(retry_after_s) or retry_after_s < 0:
             return jittered
-        return max(jittered, min(retry_after_s, self.max_retry_after_s))
+        return min(retry_after_s, self.max_retry_after_s) + jittered
 
-    def retryable_status(self, status: int, *, idempotent: bool = True) -> bool:
-        """Whether an answer with this HTTP status is worth another try.
-
-        A gateway timeout (504) may come while the server still goes on with the request, so
-        it is retried only for idempotent requests, like an ambiguous transport failure.
-        """
-        if status not in self.retry_statuses:
-            return False
-        return idempotent or status not in _MAYBE_APPLIED_STATUSES
+    def retryable_status(self, status: int) -> bool:
+        """Whether an answer with this HTTP status is worth another try."""
+        return status in self.retry_statuses
 
 
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
@@ -127,17 +122,3 @@ def _seconds_until_http_date(value: str, now: float | None) -> float | None:
         return None
     current = time.time() if now is None else now
     return max(0.0, when.timestamp() - current)
-
-
-# Transport failures that happen before the request left this machine: retrying them can never
-# apply a request twice, so they are retried even when the request is not idempotent.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-
-
-def retryable_error(error: httpx.TransportError, *, idempotent: bool) -> bool:
-    """Whether a transport failure is worth another try.
-
-    A read timeout or a dropped connection may come after the server acted on the request, so
-    those are retried only for idempotent requests (a second append would store twice).
-    """
-    return idempotent or isinstance(error, _NOT_SENT)

@@ -36,11 +36,17 @@ class Item(_Input):
 
 
 class BaselineItem(_Input):
-    """One prompt's baseline responses, for ``PUT /v1/baselines``."""
+    """One prompt's baseline responses, for ``PUT /v1/baselines``.
+
+    ``upload_id`` (1-128 printable ASCII characters) names this upload of this prompt: an
+    append whose id the prompt has applied already is not applied again. ``push_baselines``
+    gives a random one when it is None.
+    """
 
     prompt: Prompt
     responses: list[str]
     prompt_id: str | None = None
+    upload_id: str | None = None
 
 
 class _Answer(BaseModel):
@@ -90,6 +96,16 @@ class BaselineStored(_Answer):
     max: float
     stored: bool
     error: str | None = None
+    error_type: str | None = Field(
+        default=None,
+        description="why it was not stored: not_ready or conflict (worth a retry), store_full "
+        "or corrupt_entry (not)",
+    )
+    duplicate: bool = Field(
+        default=False,
+        description="an append of an upload id applied before: nothing was added this time",
+    )
+    upload_id: str | None = None
     model_version: str = Field(description="the version that scored this prompt's responses")
 
 

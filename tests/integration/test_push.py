@@ -1,8 +1,10 @@
 """`crs-trainer push-baselines` against a real uvicorn server speaking PUT /v1/baselines.
 
 The fake service validates every body with the service's own request schema and answers with
-its response schema, so the client is held to the wire format; it can be told to refuse the
-first calls (429 with Retry-After, 503, 504, 413, 422, or a prompt answered stored: false).
+its response schema, so the client is held to the wire format; it applies an append's upload
+id once per prompt, as the service does, and can be told to refuse the first calls (429 with
+Retry-After, 503, 504, 413, 422, 507, a prompt answered stored: false, or an append applied
+and then answered 503 or 504 as if its reply were lost).
 """
 
 from __future__ import annotations
@@ -42,8 +44,15 @@ REFUSALS = {
     "504": (504, "timeout", {}),
     "413": (413, "payload_too_large", {}),
     "422": (422, "validation_error", {}),
+    "507": (507, "store_full", {}),
 }
+# Applied, then answered with the refusal: the request took effect but its answer was lost.
+LOST_ANSWERS = {"lost-503": "503", "lost-504": "504"}
 UNSTORED_ERROR = "store unavailable (test)"
+RERUN_ADVICE = (
+    "re-run the same command to upload the rest: lines already stored are not stored again, "
+    "under append too"
+)
 
 RECORDS: list[dict[str, Any]] = [
     {"prompt_id": "p0", "prompt": "What is 2 + 2?", "responses": ["4"]},
@@ -82,6 +91,7 @@ class FakeService:
     plan: list[str] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
     store: dict[str, list[str]] = field(default_factory=dict)
+    applied: dict[str, set[str]] = field(default_factory=dict)
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -91,16 +101,24 @@ class FakeService:
             body = await request.json()
             self.calls.append(Call(at=time.monotonic(), body=body))
             step = self.plan.pop(0) if self.plan else "ok"
+            if step in LOST_ANSWERS:
+                self.answer(body, unstored=False)
+                step = LOST_ANSWERS[step]
             if step in REFUSALS:
                 status, error_type, headers = REFUSALS[step]
                 message = f"refused with {status} (test)"
                 envelope = {"error": {"type": error_type, "message": message, "details": None}}
                 return JSONResponse(envelope, status_code=status, headers=headers)
-            return JSONResponse(self.answer(body, unstored=step == "unstored").model_dump())
+            unstored = step in ("unstored", "unstored-full")
+            why = "store_full" if step == "unstored-full" else None
+            answer = self.answer(body, unstored=unstored, error_type=why)
+            return JSONResponse(answer.model_dump())
 
         return app
 
-    def answer(self, body: dict[str, Any], *, unstored: bool) -> BaselinesPutResponse:
+    def answer(
+        self, body: dict[str, Any], *, unstored: bool, error_type: str | None = None
+    ) -> BaselinesPutResponse:
         request = BaselinesPut.model_validate(body)
         ids = [prompt_id(item.prompt_value(), item.prompt_id) for item in request.items]
         assert len(set(ids)) == len(ids), "the service refuses a prompt twice in one request"
@@ -118,11 +136,17 @@ class FakeService:
                         max=0,
                         stored=False,
                         error=UNSTORED_ERROR,
+                        error_type=error_type,
                     )
                 )
                 continue
-            kept = self.store.get(pid, []) if request.mode == "append" else []
-            self.store[pid] = kept + item.responses
+            applied = self.applied.setdefault(pid, set())
+            duplicate = request.mode == "append" and item.upload_id in applied
+            if item.upload_id is not None:
+                applied.add(item.upload_id)
+            if not duplicate:
+                kept = self.store.get(pid, []) if request.mode == "append" else []
+                self.store[pid] = kept + item.responses
             rewards = [reward(r) for r in self.store[pid]]
             results.append(
                 BaselineStored(
@@ -133,6 +157,8 @@ class FakeService:
                     min=min(rewards),
                     max=max(rewards),
                     stored=True,
+                    duplicate=duplicate,
+                    upload_id=item.upload_id,
                 )
             )
         failed = sum(not r.stored for r in results)
@@ -188,7 +214,7 @@ def baselines(tmp_path: Path) -> Path:
 
 def push(path: Path, url: str, **options: Any) -> PushSummary:
     options.setdefault("retry", FAST_RETRY)
-    return push_baselines(path, PushOptions(url=url, **options), quiet=True)
+    return push_baselines(path, PushOptions(urls=[url], **options), quiet=True)
 
 
 def expected_mean_of_means(records: list[dict[str, Any]]) -> float:
@@ -280,46 +306,31 @@ def test_retry_after_is_honoured(fake: FakeService, url: str, baselines: Path) -
     assert fake.calls[1].at - fake.calls[0].at >= retry_after
 
 
-def test_connection_refused_is_retried(
-    fake: FakeService, baselines: Path, caplog: pytest.LogCaptureFixture
+def test_a_refused_connection_is_retried_on_the_next_replica(
+    fake: FakeService, url: str, baselines: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    port = free_port()  # nothing listens there yet
-    servers: list[contextlib.ExitStack] = []
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    summary = push_baselines(
+        baselines, PushOptions(urls=[dead, url], retry=FAST_RETRY, chunk_prompts=3), quiet=True
+    )
 
-    def sleep_then_start_the_server(seconds: float) -> None:
-        if not servers:
-            stack = contextlib.ExitStack()
-            stack.enter_context(serving(fake.app(), port))
-            servers.append(stack)
-        time.sleep(seconds)
-
-    try:
-        summary = push_baselines(
-            baselines,
-            PushOptions(url=f"http://127.0.0.1:{port}", retry=FAST_RETRY),
-            quiet=True,
-            sleep=sleep_then_start_the_server,
-        )
-    finally:
-        for stack in servers:
-            stack.close()
-
-    assert servers, "the first attempt did not fail"
     assert "ConnectError" in caplog.text
     assert summary.stored == len(RECORDS)
     assert fake.sent_ids() == IDS
 
 
-def test_append_does_not_retry_a_gateway_timeout(
-    fake: FakeService, url: str, baselines: Path
+@pytest.mark.parametrize("form", ["repeated", "comma"])
+def test_the_cli_takes_several_replicas(
+    fake: FakeService, url: str, baselines: Path, form: str
 ) -> None:
-    fake.plan = ["504"]
-    summary = push(baselines, url, mode="append")
+    dead = f"http://127.0.0.1:{free_port()}"
+    urls = ["--url", dead, "--url", url] if form == "repeated" else ["--url", f"{dead}, {url}"]
 
-    assert len(fake.calls) == 1
-    assert summary.stored == 0
-    assert summary.fatal is not None
-    assert summary.fatal.startswith("HTTP 504: refused with 504 (test) (append is not retried")
+    code = main(["push-baselines", str(baselines), *urls, "--chunk-prompts", "2", "--quiet"])
+
+    assert code == 0
+    assert fake.sent_ids() == IDS
+    assert set(fake.store) == set(IDS)
 
 
 def test_retries_run_out(fake: FakeService, url: str, baselines: Path) -> None:
@@ -330,8 +341,8 @@ def test_retries_run_out(fake: FakeService, url: str, baselines: Path) -> None:
     assert summary.stored == 0
     assert summary.failed == len(RECORDS)
     assert summary.fatal is not None
-    assert "HTTP 503: refused with 503 (test)" in summary.fatal
-    assert "gave up after 2 retries" in summary.fatal
+    assert "HTTP 503 not_ready from " in summary.fatal
+    assert "refused with 503 (test) (gave up after 2 retries)" in summary.fatal
 
 
 def test_a_validation_error_is_not_retried(
@@ -343,7 +354,8 @@ def test_a_validation_error_is_not_retried(
     assert code == 1
     assert len(fake.calls) == 1
     captured = capsys.readouterr()
-    assert "HTTP 422: refused with 422 (test)" in captured.err
+    assert "HTTP 422 validation_error from " in captured.err
+    assert ": refused with 422 (test)" in captured.err
     assert f"{len(RECORDS)} prompt(s) were not sent" in captured.err
     assert f"stored 0 prompts, failed {len(RECORDS)}" in captured.out
 
@@ -380,7 +392,10 @@ def test_prompts_never_stored_are_reported(fake: FakeService, url: str, baseline
     assert summary.stored == len(RECORDS) - 1
     assert summary.failed == 1
     assert summary.fatal is None
-    assert failure_report(summary) == [f"not stored: {IDS[0]}: {UNSTORED_ERROR}"]
+    assert failure_report(summary) == [
+        f"not stored: {IDS[0]}: {UNSTORED_ERROR}",
+        RERUN_ADVICE,
+    ]
     assert summary.mean_baseline == pytest.approx(expected_mean_of_means(RECORDS[1:]))
 
 
@@ -446,8 +461,11 @@ def test_the_token_is_sent(tmp_path: Path, baselines: Path) -> None:
     ("args", "message"),
     [
         (["missing.jsonl", "--url", "http://127.0.0.1:1"], "is not a file"),
-        (["FILE", "--url", "127.0.0.1:8000"], "bad --url"),
-        (["FILE", "--url", "ftp://host"], "bad --url"),
+        (["FILE", "--url", "127.0.0.1:8000"], "bad service URL"),
+        (["FILE", "--url", "ftp://host"], "bad service URL"),
+        (["FILE", "--url", "http://127.0.0.1:1,ftp://host"], "bad service URL 'ftp://host'"),
+        (["FILE", "--url", "http://127.0.0.1:1,http://127.0.0.1:1"], "service URLs repeat"),
+        (["FILE", "--url", ","], "at least one service URL"),
         (["FILE", "--url", "http://127.0.0.1:1", "--chunk-prompts", "0"], "chunk_prompts"),
     ],
 )

@@ -18,6 +18,7 @@ from trainer_client.client import (
     _spans,
     _to_json,
     _unique_prompt_ids,
+    _with_upload_ids,
 )
 from trainer_client.replicas import Replicas, replica_down
 from trainer_client.retry import RetryPolicy
@@ -135,6 +136,21 @@ def test_a_prompt_pushed_twice_in_one_call_is_refused() -> None:
     )
     with pytest.raises(ValueError, match=r"given twice \(items 0 and 2\)"):
         _unique_prompt_ids(bodies)
+
+
+def test_each_baseline_item_gets_an_upload_id_unless_it_has_one() -> None:
+    bodies = _to_json(
+        [
+            BaselineItem(prompt="p", responses=["a"]),
+            {"prompt": "q", "responses": ["b"], "upload_id": "mine"},
+            BaselineItem(prompt="r", responses=["c"]),
+        ],
+        BaselineItem,
+    )
+    ids = [body["upload_id"] for body in _with_upload_ids(bodies)]
+    assert ids[1] == "mine"
+    assert len(set(ids)) == 3
+    assert all(1 <= len(i) <= 128 and i.isascii() and i.isprintable() for i in ids)
 
 
 def answer(status: int, **kwargs: object) -> httpx.Response:
