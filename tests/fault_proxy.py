@@ -27,10 +27,12 @@ DROPPED_HEADERS = {b"host", b"content-length", b"transfer-encoding", b"connectio
 
 @dataclass(frozen=True)
 class Fault:
-    """An answer the proxy gives instead of forwarding."""
+    """An answer the proxy gives instead of forwarding; with ``forward_first``, after
+    forwarding (the request took effect upstream, its answer is lost on the way back)."""
 
     status: int
     retry_after: str | None = None
+    forward_first: bool = False
 
     def answer(self) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         error_type = ERROR_TYPES.get(self.status, "error")
@@ -78,9 +80,16 @@ class FaultProxy:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
-    def inject(self, status: int, count: int = 1, retry_after: str | None = None) -> None:
+    def inject(
+        self,
+        status: int,
+        count: int = 1,
+        retry_after: str | None = None,
+        *,
+        forward_first: bool = False,
+    ) -> None:
         with self._lock:
-            self._faults.extend([Fault(status, retry_after)] * count)
+            self._faults.extend([Fault(status, retry_after, forward_first)] * count)
 
     def paths(self, path: str) -> list[Seen]:
         """The requests seen for ``path``."""
@@ -103,7 +112,10 @@ class FaultProxy:
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:
-            status, headers, content = fault.answer() if fault else await self._forward(scope, body)
+            if fault is None or fault.forward_first:
+                status, headers, content = await self._forward(scope, body)
+            if fault is not None:
+                status, headers, content = fault.answer()
         finally:
             with self._lock:
                 self._in_flight -= 1

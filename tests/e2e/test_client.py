@@ -1,6 +1,7 @@
 """RewardClient and AsyncRewardClient against real `crs-service serve` processes: order across
 chunks, retries (through a fault-injecting proxy), a replica dying mid-run, model swaps and
-pinning, auth, the async twin, and a baseline round trip."""
+pinning, auth, the async twin, a baseline round trip, and an append retried after its answer
+was lost."""
 
 from __future__ import annotations
 
@@ -316,6 +317,30 @@ def test_push_baselines_round_trip(fleet: Fleet) -> None:
     assert [r.contrastive for r in scored] == pytest.approx(
         [r.reward - m for r, m in zip(scored, means, strict=True)], abs=TOLERANCE
     )
+
+
+def stored_responses(url: str, pid: str) -> list[str]:
+    answer = httpx.get(f"{url}/v1/baselines/{pid}", timeout=30)
+    assert answer.status_code == 200, answer.text
+    responses: list[str] = answer.json()["responses"]
+    return responses
+
+
+@pytest.mark.parametrize("status", [503, 504])
+def test_an_append_whose_answer_is_lost_is_retried_and_stored_once(
+    fleet: Fleet, proxy: FaultProxy, status: int
+) -> None:
+    # The append reaches the service and is stored; its answer is replaced by a refusal.
+    ids = [f"lost-{status}-{n}" for n in range(3)]
+    items = [{"prompt_id": pid, "prompt": f"Lost {pid}?", "responses": ["a", "b"]} for pid in ids]
+    proxy.inject(status, forward_first=True)
+    with RewardClient(proxy.url, retry=FAST) as client:
+        pushed = client.push_baselines(items, mode="append")
+
+    assert [request.status for request in proxy.paths("/v1/baselines")] == [status, 200]
+    assert [stored_responses(fleet.primary.url, pid) for pid in ids] == [["a", "b"]] * 3
+    assert (pushed.stored, pushed.failed) == (3, 0)
+    assert [(r.duplicate, r.n) for r in pushed.results] == [(True, 2)] * 3
 
 
 def test_models_or_a_clear_error_when_the_service_has_no_models_endpoint(
