@@ -210,7 +210,8 @@ def push_baselines(
     )
     with client, ProgressBar(total, description="pushing", quiet=quiet) as bar:
         uploader = _Uploader(client=client, options=options, sleep=sleep, summary=summary)
-        records = _sendable(iter_baseline_file(path), summary, bar)
+        # An empty response is a real sample (the policy ended at once): it is sent as it is.
+        records = iter_baseline_file(path)
         for chunk in chunked(records, options.chunk_prompts, options.chunk_responses):
             try:
                 outcomes = uploader.put(chunk)
@@ -224,32 +225,6 @@ def push_baselines(
     summary.failed = total - summary.stored
     summary.elapsed_s = time.monotonic() - started
     return summary
-
-
-def _sendable(
-    records: Iterable[BaselineRecord], summary: PushSummary, bar: ProgressBar
-) -> Iterator[BaselineRecord]:
-    """Drop empty responses, which the service refuses (one would fail its whole chunk)."""
-    for record in records:
-        kept = [response for response in record.responses if response]
-        if len(kept) == len(record.responses):
-            yield record
-            continue
-        dropped = len(record.responses) - len(kept)
-        log.warning(
-            "line %d: dropping %d empty response(s) of prompt %s",
-            record.line,
-            dropped,
-            record.prompt_id,
-        )
-        if kept:
-            yield BaselineRecord(
-                line=record.line, prompt=record.prompt, prompt_id=record.prompt_id, responses=kept
-            )
-        else:
-            error = "every response is empty; nothing to store"
-            summary.add(PromptOutcome(prompt_id=record.prompt_id, stored=False, error=error))
-            bar.update(1)
 
 
 @dataclass(kw_only=True)

@@ -427,7 +427,10 @@ def test_rerunning_under_replace_is_idempotent(
     )
 
 
-def test_empty_responses_are_dropped(fake: FakeService, url: str, tmp_path: Path) -> None:
+def test_empty_responses_are_uploaded_as_samples(
+    fake: FakeService, url: str, tmp_path: Path
+) -> None:
+    """A policy that ends at once gives an empty response: dropping it would bias the baseline."""
     path = tmp_path / "baselines.jsonl"
     rows = [
         {"prompt_id": "some", "prompt": "a", "responses": ["", "kept"]},
@@ -437,9 +440,8 @@ def test_empty_responses_are_dropped(fake: FakeService, url: str, tmp_path: Path
 
     summary = push(path, url)
 
-    assert fake.store == {"some": ["kept"]}
-    assert (summary.stored, summary.failed) == (1, 1)
-    assert summary.failures[0].prompt_id == "none"
+    assert fake.store == {"some": ["", "kept"], "none": [""]}
+    assert (summary.stored, summary.failed) == (2, 0)
 
 
 def test_the_token_is_sent(tmp_path: Path, baselines: Path) -> None:
