@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
+from service.app import create_app
 from service.scoring.batcher import DeviceHealth
 from service.scoring.engine import EngineState
 from service.scoring.types import InputTooLong, ModelInfo, Prompt, RewardInput, Score
-from service.settings import Truncation
+from service.settings import Settings, Truncation
 
 FAKE_NAME = "fake-rm"
 FAKE_VERSION = "fake-rm@0123456789ab"
@@ -170,3 +173,52 @@ async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         httpx.AsyncClient(transport=transport, base_url="http://test") as client,
     ):
         yield client
+
+
+class LiveApp:
+    """An app with its lifespan running in a task of its own loop; requests run on that loop.
+
+    One app serves every example of a property test, so each example costs one request.
+    """
+
+    def __init__(self, engine: FakeEngine | None = None, settings: Settings | None = None) -> None:
+        self.engine = engine or FakeEngine()
+        self.app = create_app(settings or Settings(), engine_factory=lambda *_: self.engine)
+        self.loop = asyncio.new_event_loop()
+        self._client: httpx.AsyncClient | None = None
+        self._started: asyncio.Future[None] = self.loop.create_future()
+        self._stop: asyncio.Future[None] = self.loop.create_future()
+        self._holder = self.loop.create_task(self._hold())
+        self.loop.run_until_complete(asyncio.wait_for(asyncio.shield(self._started), 10))
+
+    async def _hold(self) -> None:
+        try:
+            async with serve(self.app) as client:
+                await self.engine.wait_settled()
+                self._client = client
+                self._started.set_result(None)
+                await self._stop
+        except BaseException as exc:
+            if not self._started.done():
+                self._started.set_exception(exc)
+            raise
+
+    def post(self, content: bytes, path: str = "/v1/rewards") -> httpx.Response:
+        """POST ``content`` as the JSON body (to /v1/rewards unless told)."""
+        return self.request("POST", path, content=content)
+
+    def request(
+        self, method: str, path: str, *, content: bytes | None = None, json_body: Any = None
+    ) -> httpx.Response:
+        """One request on the app's loop; a body is declared JSON."""
+        assert self._client is not None
+        if json_body is not None:
+            content = json.dumps(json_body).encode()
+        headers = {"content-type": "application/json"} if content is not None else {}
+        request = self._client.request(method, path, content=content, headers=headers)
+        return self.loop.run_until_complete(request)
+
+    def close(self) -> None:
+        self._stop.set_result(None)
+        self.loop.run_until_complete(self._holder)
+        self.loop.close()

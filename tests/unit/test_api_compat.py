@@ -3,21 +3,18 @@ baselines, the item limit, text that is not Unicode, and a baseline store that i
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.api.compat import end_marker, rendering_version
-from service.app import create_app
 from service.scoring.types import RewardInput, Score
 from service.settings import Settings, Truncation
-from tests.unit.fake_engine import FAKE_VERSION, FakeEngine, fake_reward, serve
+from tests.unit.fake_engine import FAKE_VERSION, FakeEngine, LiveApp, fake_reward, serve
 from tests.unit.test_api import assert_envelope, make_app, run, sha256_id
 from tests.unit.test_api_baselines import FailingStore, with_store
 
@@ -189,41 +186,9 @@ def test_a_lone_surrogate_is_a_422_naming_the_string(
     run(request())
 
 
-class LiveApp:
-    """One app for every hypothesis example: its lifespan runs in a task of a loop of its own."""
-
-    def __init__(self) -> None:
-        self.engine = EncodingEngine()
-        self.app = create_app(
-            Settings(max_items_per_request=8), engine_factory=lambda *_: self.engine
-        )
-        self.loop = asyncio.new_event_loop()
-        self._stop: asyncio.Future[None] = self.loop.create_future()
-        self._client: asyncio.Future[httpx.AsyncClient] = self.loop.create_future()
-        self._holder = self.loop.create_task(self._hold())
-        self.client = self.loop.run_until_complete(asyncio.wait_for(self._client, 10))
-
-    async def _hold(self) -> None:
-        async with serve(self.app) as client:
-            await self.engine.wait_settled()
-            self._client.set_result(client)
-            await self._stop
-
-    def post(self, path: str, content: bytes) -> httpx.Response:
-        headers = {"content-type": "application/json"}
-        return self.loop.run_until_complete(
-            self.client.post(path, content=content, headers=headers)
-        )
-
-    def close(self) -> None:
-        self._stop.set_result(None)
-        self.loop.run_until_complete(self._holder)
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
 def live() -> Iterator[LiveApp]:
-    app = LiveApp()
+    app = LiveApp(EncodingEngine(), Settings(max_items_per_request=8))
     yield app
     app.close()
 
@@ -249,7 +214,7 @@ GET_REWARD_BODY = st.fixed_dictionaries(
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=GET_REWARD_BODY | JSON_VALUE)
 def test_get_reward_never_answers_5xx(live: LiveApp, body: Any) -> None:
-    response = live.post("/get_reward", json.dumps(body).encode())
+    response = live.post(json.dumps(body).encode(), "/get_reward")
     assert response.status_code in {200, 413, 422}, response.text
     if response.status_code != 200:
         assert set(response.json()["error"]) == {"type", "message", "details"}

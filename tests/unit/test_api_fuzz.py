@@ -6,7 +6,6 @@ event loop for the whole module, and each example is one request on that loop.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import Iterator
@@ -19,9 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.api.schemas import PROMPT_ID_MAX_CHARS, PROMPT_ID_PATTERN, check_prompt_id
-from service.app import create_app
-from service.settings import Settings
-from tests.unit.fake_engine import FAKE_VERSION, FakeEngine, fake_reward, fake_tokens, serve
+from tests.unit.fake_engine import FAKE_VERSION, LiveApp, fake_reward, fake_tokens
 
 ROLES = ["system", "user", "assistant", "tool"]
 FIELDS = [
@@ -43,52 +40,6 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-
-class LiveApp:
-    """An app with its lifespan running in a task of its own loop; requests run on that loop."""
-
-    def __init__(self) -> None:
-        self.engine = FakeEngine()
-        self.app = create_app(Settings(), engine_factory=lambda *_: self.engine)
-        self.loop = asyncio.new_event_loop()
-        self._client: httpx.AsyncClient | None = None
-        self._started: asyncio.Future[None] = self.loop.create_future()
-        self._stop: asyncio.Future[None] = self.loop.create_future()
-        self._holder = self.loop.create_task(self._hold())
-        self.loop.run_until_complete(asyncio.wait_for(asyncio.shield(self._started), 10))
-
-    async def _hold(self) -> None:
-        try:
-            async with serve(self.app) as client:
-                await self.engine.wait_settled()
-                self._client = client
-                self._started.set_result(None)
-                await self._stop
-        except BaseException as exc:
-            if not self._started.done():
-                self._started.set_exception(exc)
-            raise
-
-    def post(self, content: bytes) -> httpx.Response:
-        """POST /v1/rewards with ``content`` as the JSON body."""
-        return self.request("POST", "/v1/rewards", content=content)
-
-    def request(
-        self, method: str, path: str, *, content: bytes | None = None, json_body: Any = None
-    ) -> httpx.Response:
-        """One request on the app's loop; a body is declared JSON."""
-        assert self._client is not None
-        if json_body is not None:
-            content = json.dumps(json_body).encode()
-        headers = {"content-type": "application/json"} if content is not None else {}
-        request = self._client.request(method, path, content=content, headers=headers)
-        return self.loop.run_until_complete(request)
-
-    def close(self) -> None:
-        self._stop.set_result(None)
-        self.loop.run_until_complete(self._holder)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +92,7 @@ json_values = st.recursive(
     ),
     max_leaves=25,
 )
+
 
 def is_prompt_id(value: str) -> bool:
     try:
