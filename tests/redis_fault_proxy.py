@@ -44,6 +44,7 @@ class RedisFaultProxy:
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
+        self._connections: set[asyncio.Task[None]] = set()
         self._thread = threading.Thread(target=self._run, daemon=True, name="redis-fault-proxy")
 
     @property
@@ -93,8 +94,24 @@ class RedisFaultProxy:
         async with server:
             await self._stop.wait()
             server.close()
+        # Connections still open end here, on the running loop: left pending, they would be
+        # destroyed with the closed loop and raise from the garbage collector in a later test.
+        for task in self._connections:
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
 
     async def _connection(
+        self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await self._forward(client_r, client_w)
+        finally:
+            self._connections.discard(task)
+
+    async def _forward(
         self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
     ) -> None:
         try:
@@ -105,15 +122,16 @@ class RedisFaultProxy:
         state = _State()
         requests = asyncio.create_task(self._requests(client_r, upstream_w, state))
         replies = asyncio.create_task(_replies(upstream_r, client_w, state))
-        await asyncio.wait({requests, replies}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (requests, replies):
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        for writer in (client_w, upstream_w):
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+        try:
+            await asyncio.wait({requests, replies}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when the proxy stops and cancels this connection
+            for task in (requests, replies):
+                task.cancel()
+            await asyncio.gather(requests, replies, return_exceptions=True)
+            for writer in (client_w, upstream_w):
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
 
     async def _requests(
         self, client_r: asyncio.StreamReader, upstream_w: asyncio.StreamWriter, state: _State
