@@ -43,6 +43,7 @@ from service.api.rewards import engine_errors, reference, refuse_unavailable
 from service.api.schemas import GetRewardRequest, GetRewardResponse, OnUnavailable
 from service.baselines.service import Baseline, Scorer
 from service.scoring.engine import RewardEngine
+from service.scoring.formatting import prompt_text
 from service.scoring.types import RewardInput
 from trainer_client.prompt_id import prompt_id
 
@@ -204,32 +205,39 @@ def rendered(prompt: str, response: str, marker: str) -> str:
 async def rendered_baselines(
     engine: RewardEngine, services: Services, queries: Sequence[Query]
 ) -> dict[tuple[str, str], Baseline]:
-    """The baseline of each (prompt, marker) of the queries, rendered by the rule. One lookup
-    per pair, concurrently: the rendering uses the request's prompt text, whatever prompt was
-    stored with the responses."""
+    """The baseline of each (prompt, marker) of the queries, rendered by the rule: one lookup
+    of all their prompts per end marker (a batch of queries almost always has one)."""
     info = engine.info
     version = info.version if info else ""
-    wanted = {q.key: str(q.input.prompt) for q in queries if q.key is not None}
+    by_marker: dict[str, dict[str, str]] = {}
+    for q in queries:
+        if q.prompt_id is not None:
+            by_marker.setdefault(q.marker, {})[q.prompt_id] = str(q.input.prompt)
     found = await asyncio.gather(
         *(
             services.baselines.resolve(
-                {pid: prompt},
-                rendering_version(version, marker),
-                rendered_scorer(engine, prompt, marker),
+                prompts, rendering_version(version, marker), rendered_scorer(engine, marker)
             )
-            for (pid, marker), prompt in wanted.items()
+            for marker, prompts in by_marker.items()
         )
     )
-    return {key: baselines[key[0]] for key, baselines in zip(wanted, found, strict=True)}
+    return {
+        (pid, marker): baseline
+        for marker, baselines in zip(by_marker, found, strict=True)
+        for pid, baseline in baselines.items()
+    }
 
 
-def rendered_scorer(engine: RewardEngine, prompt: str, marker: str) -> Scorer:
-    """Scores one prompt's baseline responses rendered as its queries are."""
+def rendered_scorer(engine: RewardEngine, marker: str) -> Scorer:
+    """Scores baseline responses rendered as the queries that end with ``marker`` are. The
+    prompt of each pair is its prompt id's text: /get_reward ids are the digest of it."""
 
     async def score(pairs: Sequence[RewardInput]) -> list[float]:
         inputs = [
             RewardInput(
-                prompt=prompt, response=p.response, text=rendered(prompt, p.response, marker)
+                prompt=p.prompt,
+                response=p.response,
+                text=rendered(prompt_text(p.prompt), p.response, marker),
             )
             for p in pairs
         ]

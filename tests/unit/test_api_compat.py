@@ -137,6 +137,34 @@ def test_a_second_request_finds_the_rendered_baseline_in_the_cache() -> None:
     run(body())
 
 
+def test_one_store_lookup_serves_every_prompt_of_a_batch() -> None:
+    """A PPO batch holds many prompts with one end marker: one lookup, not one per prompt."""
+
+    async def body() -> None:
+        app = make_app(FakeEngine())
+        store = app.state.services.baselines.store
+        lookups: list[list[str]] = []
+        lookup = store.lookup
+
+        async def counted(prompt_ids: Sequence[str], *args: Any, **kwargs: Any) -> Any:
+            lookups.append(list(prompt_ids))
+            return await lookup(prompt_ids, *args, **kwargs)
+
+        store.lookup = counted
+        prompts = [f"{PROMPT} number {n}" for n in range(8)]
+        async with serve(app) as client:
+            put = {"items": [{"prompt": p, "responses": BASELINE} for p in prompts]}
+            assert (await client.put("/v1/baselines", json=put)).status_code == 200
+            lookups.clear()
+            request = {"query": [f"{p}x</s>" for p in prompts], "prompts": prompts}
+            answer = (await client.post("/get_reward", json=request)).json()
+        assert answer["extra_logs"]["baseline_computed"] == [1.0] * len(prompts)
+        assert len(lookups) == 1
+        assert len(lookups[0]) == len(prompts)
+
+    run(body())
+
+
 # --- bounds and text that is not Unicode ------------------------------------------------------
 
 
