@@ -12,34 +12,17 @@ from urllib.parse import quote
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (
-    content_type_conformance,
-    response_headers_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
+from hypothesis import given, settings
 
 from service.api.openapi import OPERATION_ERRORS
 from service.api.schemas import PROMPT_ID_MAX_CHARS
+from tests.contract import CHECKS, bounded
 from trainer_client.launch import RedisProcess, ServiceProcess
 
 TOKEN = "schemathesis-live-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-CHECKS = [
-    not_a_server_error,
-    status_code_conformance,
-    content_type_conformance,
-    response_schema_conformance,
-    response_headers_conformance,
-]
 # Bounded: the whole module stays around a minute on two cores with the tiny model.
-LIVE = settings(
-    max_examples=20,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+LIVE = bounded(20)
 GUARDED = sorted(label for label, statuses in OPERATION_ERRORS.items() if 401 in statuses)
 # Negative cases (schema-violating inputs) exist only where there are inputs: a body or a path.
 CASES = [(label, schemathesis.GenerationMode.POSITIVE) for label in sorted(OPERATION_ERRORS)] + [

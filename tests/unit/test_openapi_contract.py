@@ -12,35 +12,18 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (
-    content_type_conformance,
-    response_headers_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
+from hypothesis import given
 
 from service.api.openapi import OPERATION_ERRORS
 from service.api.schemas import AGGREGATE
 from service.app import create_app
 from service.settings import Settings
+from tests.contract import CHECKS, bounded
 from tests.unit.fake_engine import FakeEngine, serve
 
 TOKEN = "contract-token-0123"
-CHECKS = [
-    not_a_server_error,
-    status_code_conformance,
-    content_type_conformance,
-    response_schema_conformance,
-    response_headers_conformance,
-]
 # Bounded: every operation, about a second each on two cores.
-CONTRACT = settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+CONTRACT = bounded(25)
 
 
 def make_app(**overrides: Any) -> Any:
