@@ -194,24 +194,6 @@ def serving(app: FastAPI, port: int) -> Iterator[str]:
         thread.join(10)
 
 
-@pytest.fixture
-def fake() -> FakeService:
-    return FakeService()
-
-
-@pytest.fixture
-def url(fake: FakeService) -> Iterator[str]:
-    with serving(fake.app(), free_port()) as base:
-        yield base
-
-
-@pytest.fixture
-def baselines(tmp_path: Path) -> Path:
-    path = tmp_path / "baselines.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
-    return path
-
-
 def push(path: Path, url: str, **options: Any) -> PushSummary:
     options.setdefault("retry", FAST_RETRY)
     return push_baselines(path, PushOptions(urls=[url], **options), quiet=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import string
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,33 +18,13 @@ from tests.integration.test_push import (
     RECORDS,
     RERUN_ADVICE,
     FakeService,
-    serving,
 )
 from trainer_client import RewardClient
-from trainer_client.launch import free_port
 from trainer_client.push import PushOptions, PushSummary, failure_report, push_baselines
 from trainer_client.retry import RetryPolicy
 
 STORED_ONCE = {pid: r["responses"] for pid, r in zip(IDS, RECORDS, strict=True)}
 PRINTABLE = set(string.printable) - set(string.whitespace) | {" "}
-
-
-@pytest.fixture
-def fake() -> FakeService:
-    return FakeService()
-
-
-@pytest.fixture
-def url(fake: FakeService) -> Iterator[str]:
-    with serving(fake.app(), free_port()) as base:
-        yield base
-
-
-@pytest.fixture
-def baselines(tmp_path: Path) -> Path:
-    path = tmp_path / "baselines.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
-    return path
 
 
 def append(path: Path, url: str, **options: Any) -> PushSummary:
