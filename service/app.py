@@ -1,4 +1,4 @@
-"""The app factory. ``create_app`` builds everything; the lifespan starts and stops the engine."""
+"""The app factory. ``create_app`` builds everything; the lifespan loads and stops the models."""
 
 from __future__ import annotations
 
@@ -8,29 +8,37 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
+from pydantic import BaseModel
 
 from service import __version__
-from service.api import baselines, compat, health, rewards
+from service.api import baselines, compat, health, models, rewards
 from service.api.deps import Services
 from service.api.errors import install_error_handlers
 from service.api.openapi import with_body_schemas
-from service.api.schemas import BaselinesPut, GetRewardRequest, RewardsRequest
+from service.api.schemas import BaselinesPut, GetRewardRequest, ModelLoad, RewardsRequest
 from service.baselines.service import BaselineService, open_store
 from service.metrics import Metrics, MetricsMiddleware
 from service.scoring.engine import HFRewardEngine, RewardEngine
+from service.scoring.registry import DRAIN_GRACE_S, ModelRegistry, ModelSpec
 from service.settings import Settings
 
 log = logging.getLogger("crs.app")
 
-EngineFactory = Callable[[Settings, Metrics], RewardEngine]
+# Builds the engine of one model version (loaded by the registry, at start or by an admin).
+EngineFactory = Callable[[ModelSpec, Settings, Metrics], RewardEngine]
 FatalHandler = Callable[[BaseException], None]
 
 
-def default_engine(settings: Settings, metrics: Metrics) -> RewardEngine:
-    """The Hugging Face engine for ``settings.model_path``, reporting batches to ``metrics``."""
-    if settings.model_path is None:
+def default_engine(spec: ModelSpec, settings: Settings, metrics: Metrics) -> RewardEngine:
+    """The Hugging Face engine for ``spec``'s directory, reporting batches to ``metrics``."""
+    if spec.path is None:
         raise ValueError("no model: set CRS_MODEL_PATH or pass --model")
-    return HFRewardEngine(settings.model_path, settings, metrics)
+    overrides: dict[str, object] = {"model_path": spec.path}
+    if spec.name is not None:
+        overrides["model_name"] = spec.name
+    if spec.label_index is not None:
+        overrides["label_index"] = spec.label_index
+    return HFRewardEngine(spec.path, settings.model_copy(update=overrides), metrics)
 
 
 def create_app(
@@ -39,16 +47,22 @@ def create_app(
     engine_factory: EngineFactory = default_engine,
     on_fatal: FatalHandler | None = None,
 ) -> FastAPI:
-    """A FastAPI app serving one reward engine.
+    """A FastAPI app serving the configured reward models (and those an admin loads).
 
-    The model loads in the background once the app starts, so ``/livez`` answers at once and
-    ``/readyz`` turns 200 when the model is warm. A failed load is logged, shown by ``/readyz``
+    The models load in the background once the app starts, so ``/livez`` answers at once and
+    ``/readyz`` turns 200 when every one is warm. A failed load is logged, shown by ``/readyz``
     and passed to ``on_fatal`` (the CLI stops the server with it).
     """
     metrics = Metrics()
+    registry = ModelRegistry(
+        lambda spec: engine_factory(spec, settings, metrics),
+        drain_timeout_s=settings.request_timeout_s + DRAIN_GRACE_S,
+        keep_previous=settings.keep_previous,
+        observer=metrics,
+    )
     services = Services(
         settings=settings,
-        engine=engine_factory(settings, metrics),
+        registry=registry,
         metrics=metrics,
         baselines=BaselineService(open_store(settings, metrics), settings, metrics),
     )
@@ -67,7 +81,7 @@ def create_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await services.engine.astop()
+            await services.registry.astop()
             await services.baselines.store.aclose()
 
     app = FastAPI(title="crs: contrastive reward service", version=__version__, lifespan=lifespan)
@@ -77,22 +91,23 @@ def create_app(
     app.include_router(rewards.router)
     app.include_router(baselines.router)
     app.include_router(compat.router)
+    app.include_router(models.router)
+    if settings.admin_token is not None:  # the admin plane exists only with its token
+        app.include_router(models.admin)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)
-    app.openapi = with_body_schemas(app, [RewardsRequest, BaselinesPut, GetRewardRequest])  # type: ignore[method-assign]
+    bodies: list[type[BaseModel]] = [RewardsRequest, BaselinesPut, GetRewardRequest, ModelLoad]
+    app.openapi = with_body_schemas(app, bodies)  # type: ignore[method-assign]
     return app
 
 
 async def start_engine(services: Services, on_fatal: FatalHandler | None) -> None:
-    """Load the model; publish it in the metrics, or report why it failed."""
+    """Load the configured models; report why when one fails."""
+    specs = [ModelSpec(path=path, name=name) for name, path in services.settings.model_specs()]
     try:
-        await services.engine.astart()
+        await services.registry.start(specs)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
         log.error("model load failed: %s", exc)
         if on_fatal is not None:
             on_fatal(exc)
-        return
-    info = services.engine.info
-    if info is not None:
-        services.metrics.model_info.labels(info.name, info.version).set(1)

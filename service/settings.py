@@ -18,6 +18,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 MiB = 1024 * 1024
 KiB = 1024
 MIN_TOKEN_CHARS = 8
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 REDACTED = "***"
 QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&#]*")
 # The end-of-sequence texts of common chat templates (Llama 2, ChatML, Llama 3, GPT, Gemma).
@@ -39,6 +40,21 @@ class Settings(BaseSettings):
 
     model_path: Path | None = Field(default=None, description="Hugging Face reward model directory")
     model_name: str | None = Field(default=None, description="name in the model version")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="several named models, NAME=DIR, comma separated (the first is the default); "
+        "instead of CRS_MODEL_PATH",
+    )
+    keep_previous: bool = Field(
+        default=False,
+        description="after a swap keep the previous version loaded (ready) as the rollback target",
+    )
+    golden_tolerance: float = Field(
+        default=1e-3,
+        ge=0,
+        description="a golden set's scores may differ from the expected by this much (scaled "
+        "by the expected magnitude when above 1)",
+    )
     label_index: int | None = Field(
         default=None, ge=0, description="which logit is the reward when num_labels > 1"
     )
@@ -110,6 +126,37 @@ class Settings(BaseSettings):
         description="POST /get_reward: end-of-sequence texts a query may end with (a comma "
         "list, beside the reward tokenizer's special tokens); baseline responses get the same",
     )
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [entry.strip() for entry in value.split(",") if entry.strip()]
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: list[str]) -> list[str]:
+        names = []
+        for entry in value:
+            name, sep, path = entry.partition("=")
+            if not sep or not NAME.fullmatch(name.strip()) or not path.strip():
+                raise ValueError(
+                    f"each model is NAME=DIR with NAME of letters, digits, '.', '_' or '-': "
+                    f"{entry!r}"
+                )
+            names.append(name.strip())
+        if len(set(names)) != len(names):
+            raise ValueError(f"a model name appears twice: {names}")
+        return value
+
+    def model_specs(self) -> list[tuple[str | None, Path | None]]:
+        """The configured models as (name, directory): ``CRS_MODELS`` in order, else the one of
+        ``CRS_MODEL_PATH`` (named by ``CRS_MODEL_NAME`` or its directory)."""
+        if self.models:
+            pairs = [entry.partition("=") for entry in self.models]
+            return [(name.strip(), Path(path.strip())) for name, _, path in pairs]
+        return [(self.model_name, self.model_path)]
 
     @field_validator("get_reward_end_markers", mode="before")
     @classmethod

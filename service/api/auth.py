@@ -33,3 +33,13 @@ async def require_api_token(request: Request, services: ServicesDep) -> None:
     if presented is None or not token_matches(presented, accepted):
         reason = "missing bearer token" if presented is None else "invalid bearer token"
         raise ServiceError(401, reason, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def require_admin_token(request: Request, services: ServicesDep) -> None:
+    """Guards ``/admin/*`` (mounted only when ``CRS_ADMIN_TOKEN`` is set); API tokens do not
+    open it."""
+    admin = services.settings.admin_token
+    presented = bearer_token(request)
+    if admin is None or presented is None or not token_matches(presented, [admin]):
+        reason = "missing bearer token" if presented is None else "invalid admin token"
+        raise ServiceError(401, reason, headers={"WWW-Authenticate": "Bearer"})

@@ -10,10 +10,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from service.api.auth import require_api_token
-from service.api.deps import EngineDep, ServicesDep, parse_body
+from service.api.deps import ServicesDep, parse_body, take_lease
 from service.api.errors import ServiceError
 from service.api.openapi import json_body
-from service.api.rewards import baseline_scorer
+from service.api.rewards import LeaseScoring
 from service.api.schemas import (
     BaselineDeleted,
     BaselineRecord,
@@ -22,13 +22,13 @@ from service.api.schemas import (
     BaselinesSummary,
     BaselineStats,
     BaselineStored,
+    ModelName,
     ModelRef,
     PromptIdPath,
 )
 from service.baselines import contrastive
 from service.baselines.service import Upload, Uploaded
 from service.baselines.store import StoreFull, StoreUnavailable
-from service.scoring.engine import RewardEngine
 from trainer_client.prompt_id import prompt_id
 
 router = APIRouter(dependencies=[Depends(require_api_token)], tags=["baselines"])
@@ -42,10 +42,9 @@ BaselinesBody = Annotated[BaselinesPut, Depends(baselines_body)]
 
 
 @router.put("/v1/baselines", openapi_extra=json_body(BaselinesPut))
-async def put_baselines(
-    body: BaselinesBody, engine: EngineDep, services: ServicesDep
-) -> BaselinesPutResponse:
-    """Score each prompt's responses with the active model and store them with their rewards.
+async def put_baselines(body: BaselinesBody, services: ServicesDep) -> BaselinesPutResponse:
+    """Score each prompt's responses with the named model's active version and store them with
+    their rewards.
 
     ``replace`` (default) is idempotent; an ``append`` with an ``upload_id`` is applied once
     however often it is sent. Each prompt says whether the store holds it (``"stored"``, exactly
@@ -60,18 +59,15 @@ async def put_baselines(
             details={"responses": responses, "max_items_per_request": limit},
         )
     uploads = unique_uploads(body)
-    info = engine.info
-    assert info is not None
     truncation = services.settings.truncation
-    done = await services.baselines.upload(
-        uploads, body.mode, info.version, baseline_scorer(engine, truncation)
-    )
+    with take_lease(services, body.model) as lease:
+        done = await services.baselines.upload(uploads, body.mode, LeaseScoring(lease, truncation))
     stored = sum(result.stored for result in done)
     results = [stored_result(result) for result in done]
     if done and not stored:
         raise nothing_stored(results)
     return BaselinesPutResponse(
-        model=ModelRef(name=info.name, version=info.version),
+        model=ModelRef(name=lease.name, version=lease.version),
         stored=stored,
         failed=len(done) - stored,
         results=results,
@@ -143,11 +139,11 @@ def stored_result(result: Uploaded) -> BaselineStored:
 
 @router.get("/v1/baselines/{prompt_id:path}")
 async def get_baseline(
-    prompt_id: PromptIdPath, engine: EngineDep, services: ServicesDep
+    prompt_id: PromptIdPath, services: ServicesDep, model: ModelName | None = None
 ) -> BaselineRecord:
-    """A stored prompt's responses, and their rewards under the active model (null when it has
-    not scored them yet; any rewards request for the prompt computes them)."""
-    version = active_version(engine)
+    """A stored prompt's responses, and their rewards under the named model's active version
+    (null when it has not scored them yet; any rewards request for the prompt computes them)."""
+    version = take_lease(services, model).version  # only the version: nothing is scored
     with store_errors():
         found = await services.baselines.store.lookup([prompt_id], version, with_responses=True)
     stored = found.get(prompt_id)
@@ -179,25 +175,21 @@ async def delete_baseline(prompt_id: PromptIdPath, services: ServicesDep) -> Bas
 
 
 @router.get("/v1/baselines")
-async def count_baselines(engine: EngineDep, services: ServicesDep) -> BaselinesSummary:
-    """How many prompts are stored, and how many have rewards under the active model."""
-    info = engine.info
-    assert info is not None
+async def count_baselines(
+    services: ServicesDep, model: ModelName | None = None
+) -> BaselinesSummary:
+    """How many prompts are stored, and how many have rewards under the named model's active
+    version."""
+    lease = take_lease(services, model)  # only its version: nothing is scored
     store = services.baselines.store
     with store_errors():
-        prompts, scored = await store.counts(info.version)
+        prompts, scored = await store.counts(lease.version)
     return BaselinesSummary(
-        model=ModelRef(name=info.name, version=info.version),
+        model=ModelRef(name=lease.name, version=lease.version),
         store=store.kind,
         prompts=prompts,
         with_rewards=scored,
     )
-
-
-def active_version(engine: RewardEngine) -> str:
-    info = engine.info
-    assert info is not None
-    return info.version
 
 
 def stats_of(prompt_id: str, rewards: list[float] | None) -> BaselineStats | None:

@@ -35,15 +35,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from service.api.auth import require_api_token
-from service.api.deps import EngineDep, Services, ServicesDep, parse_body
+from service.api.deps import Services, ServicesDep, parse_body, take_lease
 from service.api.disconnect import unless_disconnected
 from service.api.errors import ServiceError
 from service.api.openapi import json_body
 from service.api.rewards import engine_errors, reference, refuse_unavailable
-from service.api.schemas import GetRewardRequest, GetRewardResponse, OnUnavailable
-from service.baselines.service import Baseline, Scorer
-from service.scoring.engine import RewardEngine
+from service.api.schemas import GetRewardRequest, GetRewardResponse, ModelName, OnUnavailable
+from service.baselines.service import Baseline
 from service.scoring.formatting import prompt_text
+from service.scoring.registry import Lease
 from service.scoring.types import RewardInput
 from trainer_client.prompt_id import prompt_id
 
@@ -80,10 +80,19 @@ class Query:
 
 @router.post("/get_reward", openapi_extra=json_body(GetRewardRequest))
 async def get_reward(
-    request: Request, body: GetRewardBody, engine: EngineDep, services: ServicesDep
+    request: Request, body: GetRewardBody, services: ServicesDep, model: ModelName | None = None
 ) -> GetRewardResponse:
     """Rewards for formatted queries; contrastive where ``prompts[i]`` has a baseline, both
-    terms rendered by the same rule (module docstring)."""
+    terms rendered by the same rule (module docstring). ``?model=NAME`` picks a served model
+    (OpenRLHF's ``--remote_rm_url`` may carry it); one version scores the whole request."""
+    with take_lease(services, model) as lease:
+        return await leased_reward(request, body, lease, services)
+
+
+async def leased_reward(
+    request: Request, body: GetRewardBody, lease: Lease, services: Services
+) -> GetRewardResponse:
+    """``get_reward`` under one lease."""
     prompts = body.prompts
     if prompts is not None and len(prompts) != len(body.query):
         raise ServiceError(
@@ -94,7 +103,7 @@ async def get_reward(
     if not body.query:
         return GetRewardResponse(rewards=[], scores=[], extra_logs=empty_logs())
     settings = services.settings
-    markers = end_markers(settings.get_reward_end_markers, engine)
+    markers = end_markers(settings.get_reward_end_markers, lease)
     queries = [
         query_input(query, prompts[i] if prompts else None, markers)
         for i, query in enumerate(body.query)
@@ -103,15 +112,15 @@ async def get_reward(
     on_unavailable = body.on_unavailable or settings.get_reward_on_unavailable
     if on_unavailable == "error":
         # Refuse before scoring anything when the store cannot give the baselines.
-        found = await unless_disconnected(request, rendered_baselines(engine, services, queries))
+        found = await unless_disconnected(request, rendered_baselines(lease, services, queries))
         by_prompt = {key[0]: baseline for key, baseline in found.items()}
         refuse_unavailable(list(by_prompt), by_prompt, settings.store_cooldown_s)
-        raw = await unless_disconnected(request, score_queries(engine, queries))
+        raw = await unless_disconnected(request, score_queries(lease, queries))
     else:
         raw, found = await unless_disconnected(
             request,
             asyncio.gather(
-                score_queries(engine, queries), rendered_baselines(engine, services, queries)
+                score_queries(lease, queries), rendered_baselines(lease, services, queries)
             ),
         )
     baselines = [found[q.key] if q.key else Baseline("missing") for q in queries]
@@ -155,10 +164,9 @@ def end_marker(query: str, markers: Sequence[str]) -> str:
     return query[len(body) - len(found) :] if found else ""
 
 
-def end_markers(configured: Sequence[str], engine: RewardEngine) -> list[str]:
+def end_markers(configured: Sequence[str], lease: Lease) -> list[str]:
     """``CRS_GET_REWARD_END_MARKERS`` and the reward tokenizer's special token strings."""
-    info = engine.info
-    specials = tokenizer_special_tokens(info.path, info.version) if info else ()
+    specials = tokenizer_special_tokens(lease.info.path, lease.version)
     return sorted({*configured, *specials}, key=len, reverse=True)
 
 
@@ -203,21 +211,17 @@ def rendered(prompt: str, response: str, marker: str) -> str:
 
 
 async def rendered_baselines(
-    engine: RewardEngine, services: Services, queries: Sequence[Query]
+    lease: Lease, services: Services, queries: Sequence[Query]
 ) -> dict[tuple[str, str], Baseline]:
     """The baseline of each (prompt, marker) of the queries, rendered by the rule: one lookup
     of all their prompts per end marker (a batch of queries almost always has one)."""
-    info = engine.info
-    version = info.version if info else ""
     by_marker: dict[str, dict[str, str]] = {}
     for q in queries:
         if q.prompt_id is not None:
             by_marker.setdefault(q.marker, {})[q.prompt_id] = str(q.input.prompt)
     found = await asyncio.gather(
         *(
-            services.baselines.resolve(
-                prompts, rendering_version(version, marker), rendered_scorer(engine, marker)
-            )
+            services.baselines.resolve(prompts, RenderedScoring(lease, marker))
             for marker, prompts in by_marker.items()
         )
     )
@@ -228,29 +232,36 @@ async def rendered_baselines(
     }
 
 
-def rendered_scorer(engine: RewardEngine, marker: str) -> Scorer:
-    """Scores baseline responses rendered as the queries that end with ``marker`` are. The
-    prompt of each pair is its prompt id's text: /get_reward ids are the digest of it."""
+@dataclass(frozen=True, slots=True)
+class RenderedScoring:
+    """Scores baseline responses rendered as the queries that end with ``marker`` are, under
+    the lease's version, and names the version their rewards are cached under. The prompt of
+    each pair is its prompt id's text: /get_reward ids are the digest of it."""
 
-    async def score(pairs: Sequence[RewardInput]) -> list[float]:
+    lease: Lease
+    marker: str
+
+    @property
+    def version(self) -> str:
+        return rendering_version(self.lease.version, self.marker)
+
+    async def score(self, pairs: Sequence[RewardInput]) -> list[float]:
         inputs = [
             RewardInput(
                 prompt=p.prompt,
                 response=p.response,
-                text=rendered(prompt_text(p.prompt), p.response, marker),
+                text=rendered(prompt_text(p.prompt), p.response, self.marker),
             )
             for p in pairs
         ]
         with engine_errors():
-            return [s.reward for s in await engine.score(inputs, truncation="left")]
-
-    return score
+            return [s.reward for s in await self.lease.score(inputs, truncation="left")]
 
 
-async def score_queries(engine: RewardEngine, queries: Sequence[Query]) -> list[float]:
+async def score_queries(lease: Lease, queries: Sequence[Query]) -> list[float]:
     # Cut from the left rather than refuse: a 422 in the middle of a PPO step stops training.
     with engine_errors():
-        scores = await engine.score([q.input for q in queries], truncation="left")
+        scores = await lease.score([q.input for q in queries], truncation="left")
     return [score.reward for score in scores]
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -14,7 +16,17 @@ from starlette.requests import ClientDisconnect
 from service.api.errors import ServiceError, client_closed, from_validation_error
 from service.baselines.service import BaselineService
 from service.metrics import Metrics
-from service.scoring.engine import RewardEngine
+from service.scoring.registry import (
+    ActivationFailed,
+    AdminConflict,
+    Lease,
+    ModelNotReady,
+    ModelRegistry,
+    UnknownModel,
+    UnknownVersion,
+    VersionNotLoaded,
+)
+from service.scoring.types import ModelLoadError
 from service.settings import Settings
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
@@ -26,7 +38,7 @@ class Services:
     """Everything one app instance owns, created in ``create_app`` and kept on ``app.state``."""
 
     settings: Settings
-    engine: RewardEngine
+    registry: ModelRegistry
     metrics: Metrics
     baselines: BaselineService
     draining: bool = False
@@ -42,19 +54,41 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def ready_engine(services: ServicesDep) -> RewardEngine:
-    """The engine, or 503 while the model loads. Draining does not refuse: a request that got
-    in is served, and only ``/readyz`` tells balancers to stop sending."""
-    engine = services.engine
-    if engine.state != "ready":
-        message = f"model is {engine.state}"
-        if engine.load_error:
-            message += f": {engine.load_error}"
-        raise ServiceError(503, message, headers={"Retry-After": "5"})
-    return engine
+def take_lease(services: Services, name: str | None = None, version: str | None = None) -> Lease:
+    """A lease of the named model's active version (or of the pinned ``version``), to hold
+    with ``with`` for the whole request; the envelope when there is none. Draining does not
+    refuse: a request that got in is served, and only ``/readyz`` tells balancers to stop."""
+    with registry_errors():
+        return services.registry.lease(name, version)
 
 
-EngineDep = Annotated[RewardEngine, Depends(ready_engine)]
+@contextlib.contextmanager
+def registry_errors() -> Iterator[None]:
+    """The registry's refusals as envelope errors."""
+    try:
+        yield
+    except UnknownModel as exc:
+        raise ServiceError(404, str(exc), details={"model": exc.name, "models": exc.known}) from exc
+    except UnknownVersion as exc:
+        raise ServiceError(404, str(exc), details={"version": exc.version}) from exc
+    except VersionNotLoaded as exc:
+        details = {
+            "reason": "version_not_loaded",
+            "requested": exc.requested,
+            "active": exc.active,
+            "loaded": exc.loaded,
+        }
+        raise ServiceError(409, str(exc), details=details) from exc
+    except ModelNotReady as exc:
+        raise ServiceError(503, str(exc), headers={"Retry-After": "5"}) from exc
+    except AdminConflict as exc:
+        raise ServiceError(409, str(exc)) from exc
+    except ActivationFailed as exc:
+        raise ServiceError(
+            503, str(exc), error_type="activation_failed", headers={"Retry-After": "5"}
+        ) from exc
+    except ModelLoadError as exc:
+        raise ServiceError(422, str(exc), error_type="invalid_model") from exc
 
 
 async def read_json(request: Request, max_bytes: int, timeout_s: float | None = None) -> Any:

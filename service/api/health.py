@@ -36,7 +36,7 @@ def threads_died(health: DeviceHealth) -> str:
 async def livez(services: ServicesDep) -> dict[str, str] | JSONResponse:
     """The process is alive and its event loop turns; 503 once a device thread has died, which
     only a restart mends (the others, if any, still score)."""
-    health = services.engine.device_health
+    health = services.registry.device_health
     if health.died:
         return JSONResponse(envelope("not_ready", threads_died(health)), status_code=503)
     return {"status": "alive"}
@@ -44,17 +44,21 @@ async def livez(services: ServicesDep) -> dict[str, str] | JSONResponse:
 
 @router.get("/readyz", response_model=None, responses=NOT_READY)
 async def readyz(services: ServicesDep) -> dict[str, Any] | JSONResponse:
-    """200 once a model is loaded and warmed; 503 before that, while draining, and when no
-    device thread is alive to score."""
-    engine = services.engine
-    if services.draining or engine.state != "ready" or engine.info is None:
-        reason = "draining" if services.draining else f"model is {engine.state}"
-        if engine.load_error:
-            reason += f": {engine.load_error}"
+    """200 once every configured model is loaded, warmed and active; 503 before that, while
+    draining, and when no device thread is alive to score. A hot swap keeps it 200."""
+    registry = services.registry
+    if services.draining or not registry.ready:
+        reason = "draining" if services.draining else registry.not_ready_reason
         return JSONResponse(envelope("not_ready", reason), status_code=503)
-    if (health := engine.device_health).all_dead:
+    if (health := registry.device_health).all_dead:
         return JSONResponse(envelope("not_ready", threads_died(health)), status_code=503)
-    return {"status": "ready", "model": {"name": engine.info.name, "version": engine.info.version}}
+    active = {name: entry.version for name in registry.names if (entry := registry.active(name))}
+    default = registry.default_name or ""
+    return {
+        "status": "ready",
+        "model": {"name": default, "version": active.get(default)},
+        "models": active,
+    }
 
 
 # Documented as what it is: Prometheus text, not JSON.

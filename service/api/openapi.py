@@ -16,17 +16,20 @@ REF = "#/components/schemas/{model}"
 
 # What each error status means here (DESIGN.md 4); the envelope's type is ERROR_TYPES[status].
 STATUS_MEANINGS: dict[int, str] = {
-    401: "missing or invalid bearer token (when CRS_API_TOKENS is set)",
-    404: "no baseline is stored for this prompt",
+    401: "missing or invalid bearer token (the API token when CRS_API_TOKENS is set; the admin "
+    "token on /admin)",
+    404: "no such model name, model version or stored prompt",
     408: "the request body did not arrive in time",
     409: "conflict: the pinned model version is not loaded, a baseline is missing under "
-    "on_missing error, or a stored value cannot be used",
+    "on_missing error, a stored value cannot be used, or a model's state (or another admin "
+    "operation on it) refuses the operation",
     413: "the body or its item count exceeds the limits",
     415: "the body is not declared application/json",
     422: "the request is invalid; details name each bad field",
     429: "overloaded: retry after Retry-After seconds",
     500: "internal error (the traceback is in the service log, never here)",
-    503: "not ready (model loading, draining) or the baseline store failed",
+    503: "not ready (model loading, draining), the baseline store failed, or an activation's "
+    "rebaseline failed (the previous version stays active)",
     504: "the request timed out in the queue or on the device",
     507: "the baseline store is out of memory (retrying does not help)",
 }
@@ -47,13 +50,19 @@ OPERATION_ERRORS: dict[str, tuple[int, ...]] = {
     "GET /livez": (503,),
     "GET /readyz": (503,),
     "GET /metrics": (),
-    "POST /v1/rewards": (401, *BODY_ERRORS, 409, *SCORING_ERRORS),
-    "PUT /v1/baselines": (401, *BODY_ERRORS, 409, *SCORING_ERRORS, *STORE_ERRORS),
-    "GET /v1/baselines": (401, *STORE_ERRORS),
+    "POST /v1/rewards": (401, 404, *BODY_ERRORS, 409, *SCORING_ERRORS),
+    "PUT /v1/baselines": (401, 404, *BODY_ERRORS, 409, *SCORING_ERRORS, *STORE_ERRORS),
+    "GET /v1/baselines": (401, 404, 422, *STORE_ERRORS),
     "GET /v1/baselines/{prompt_id}": (401, 404, 422, *STORE_ERRORS),
     "DELETE /v1/baselines/{prompt_id}": (401, 404, 422, *STORE_ERRORS),
-    "POST /get_reward": (401, *BODY_ERRORS, *SCORING_ERRORS),
+    "POST /get_reward": (401, 404, *BODY_ERRORS, *SCORING_ERRORS),
+    "GET /v1/models": (401,),
+    "POST /admin/models": (401, *BODY_ERRORS, 409, 503),
+    "POST /admin/models/{version}/activate": (401, 404, *BODY_ERRORS, 409, 503),
+    "DELETE /admin/models/{version}": (401, 404, 409, 422, 503),
 }
+# Guarded by the admin token whenever they exist (they exist only when it is set).
+ADMIN_PREFIX = "/admin/"
 # FastAPI's own 422 schemas, replaced by the envelope.
 FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
 
@@ -94,16 +103,26 @@ def document_errors(spec: dict[str, Any], *, auth_on: bool) -> None:
     for path, operations in spec.get("paths", {}).items():
         for method, operation in operations.items():
             statuses = {*OPERATION_ERRORS.get(f"{method.upper()} {path}", ()), 500}
-            if 401 in statuses and auth_on:
+            if path.startswith(ADMIN_PREFIX):
+                operation["security"] = [{"admin_bearer": []}]
+            elif 401 in statuses and auth_on:
                 operation["security"] = [{"bearer": []}]
             elif 401 in statuses:
                 statuses.remove(401)
             responses = operation.setdefault("responses", {})
             for status in sorted(statuses):
                 responses[str(status)] = error_response(status)
+    schemes = spec["components"].setdefault("securitySchemes", {})
     if auth_on:
-        schemes = spec["components"].setdefault("securitySchemes", {})
         schemes["bearer"] = {"type": "http", "scheme": "bearer"}
+    if any(path.startswith(ADMIN_PREFIX) for path in spec.get("paths", {})):
+        schemes["admin_bearer"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "CRS_ADMIN_TOKEN",
+        }
+    if not schemes:
+        del spec["components"]["securitySchemes"]
     components = spec["components"]["schemas"]
     for name in FASTAPI_VALIDATION_SCHEMAS:
         components.pop(name, None)

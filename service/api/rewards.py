@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from service.api.auth import require_api_token
-from service.api.deps import EngineDep, Services, ServicesDep, parse_body
+from service.api.deps import Services, ServicesDep, parse_body, take_lease
 from service.api.disconnect import unless_disconnected
 from service.api.errors import ServiceError
 from service.api.openapi import json_body
@@ -27,7 +27,7 @@ from service.api.schemas import (
     RewardsResponse,
 )
 from service.baselines.contrastive import BaselineStats, aggregate, contrastive
-from service.baselines.service import Baseline, Scorer
+from service.baselines.service import Baseline
 from service.scoring.batcher import (
     BatchFailed,
     Overloaded,
@@ -35,7 +35,8 @@ from service.scoring.batcher import (
     ScoringUnavailable,
     ServiceStopping,
 )
-from service.scoring.engine import EngineNotReady, RewardEngine
+from service.scoring.engine import EngineNotReady
+from service.scoring.registry import Lease
 from service.scoring.types import (
     EmptyInput,
     InputTooLong,
@@ -60,45 +61,35 @@ RewardsBody = Annotated[RewardsRequest, Depends(rewards_body)]
 
 @router.post("/v1/rewards", openapi_extra=json_body(RewardsRequest))
 async def post_rewards(
-    request: Request, body: RewardsBody, engine: EngineDep, services: ServicesDep
+    request: Request, body: RewardsBody, services: ServicesDep
 ) -> RewardsResponse:
-    """Score every item with the active reward model; results come in request order, with
-    each prompt's baseline and the contrastive reward unless ``"contrastive": null``."""
-    info = engine.info
-    assert info is not None  # a ready engine has a model
-    if body.model_version is not None and body.model_version != info.version:
-        raise ServiceError(
-            409,
-            f"model version {body.model_version} is not loaded; the active one is {info.version}",
-            details={"requested": body.model_version, "active": info.version},
-        )
-    truncation = body.truncation or services.settings.truncation
-    if body.contrastive is None:
-        scores = await unless_disconnected(request, score_items(engine, body.items, truncation))
-        results = [
-            RewardResult(reward=score.reward, tokens=score.tokens, truncated=score.truncated)
-            for score in scores
-        ]
-    else:
-        results = await unless_disconnected(
-            request, contrastive_results(engine, services, body, body.contrastive, info.version)
-        )
+    """Score every item with the named model's active version (or the pinned one); results
+    come in request order, with each prompt's baseline and the contrastive reward unless
+    ``"contrastive": null``. One version scores the whole request, baselines included."""
+    with take_lease(services, body.model, body.model_version) as lease:
+        truncation = body.truncation or services.settings.truncation
+        if body.contrastive is None:
+            scores = await unless_disconnected(request, score_items(lease, body.items, truncation))
+            results = [
+                RewardResult(reward=score.reward, tokens=score.tokens, truncated=score.truncated)
+                for score in scores
+            ]
+        else:
+            results = await unless_disconnected(
+                request, contrastive_results(lease, services, body, body.contrastive)
+            )
     count_scored(services, results)
-    return RewardsResponse(model=ModelRef(name=info.name, version=info.version), results=results)
+    return RewardsResponse(model=ModelRef(name=lease.name, version=lease.version), results=results)
 
 
 async def contrastive_results(
-    engine: RewardEngine,
-    services: Services,
-    body: RewardsRequest,
-    options: ContrastiveOptions,
-    version: str,
+    lease: Lease, services: Services, body: RewardsRequest, options: ContrastiveOptions
 ) -> list[RewardResult]:
     """The items' rewards beside their prompts' baselines, scored and looked up at once."""
     prompt_ids = [prompt_id(item.prompt_value(), item.prompt_id) for item in body.items]
     prompts = {pid: item.prompt_value() for pid, item in zip(prompt_ids, body.items, strict=True)}
     truncation = body.truncation or services.settings.truncation
-    resolving = services.baselines.resolve(prompts, version, baseline_scorer(engine, "left"))
+    resolving = services.baselines.resolve(prompts, LeaseScoring(lease, "left"))
     if "error" in (options.on_missing, options.on_unavailable):
         # Refuse before scoring anything when a baseline is missing or unavailable.
         baselines = await resolving
@@ -106,10 +97,10 @@ async def contrastive_results(
             refuse_unavailable(prompt_ids, baselines, services.settings.store_cooldown_s)
         if options.on_missing == "error":
             refuse_missing(prompt_ids, baselines)
-        scores = await score_items(engine, body.items, truncation)
+        scores = await score_items(lease, body.items, truncation)
     else:
         scores, baselines = await asyncio.gather(
-            score_items(engine, body.items, truncation), resolving
+            score_items(lease, body.items, truncation), resolving
         )
     floor = services.settings.baseline_std_floor
     lookups = services.metrics.baseline_lookups
@@ -206,22 +197,30 @@ def count_scored(services: Services, results: list[RewardResult]) -> None:
 
 
 async def score_items(
-    engine: RewardEngine, items: Sequence[RewardItem], truncation: Truncation
+    lease: Lease, items: Sequence[RewardItem], truncation: Truncation
 ) -> list[Score]:
-    """The engine's scores of the items, with its refusals translated into the envelope."""
+    """The leased version's scores of the items, its refusals translated into the envelope."""
     inputs = [RewardInput(prompt=item.prompt_value(), response=item.response) for item in items]
     with engine_errors():
-        return await engine.score(inputs, truncation=truncation)
+        return await lease.score(inputs, truncation=truncation)
 
 
-def baseline_scorer(engine: RewardEngine, truncation: Truncation) -> Scorer:
-    """Scores baseline responses through the same engine and batcher as rewards."""
+@dataclass(frozen=True, slots=True)
+class LeaseScoring:
+    """A lease's version and its scoring, for baselines: ``BaselineService`` caches what it
+    scores under ``version``, which comes from the same lease, so never under another."""
 
-    async def score(pairs: Sequence[RewardInput]) -> list[float]:
+    lease: Lease
+    truncation: Truncation
+
+    @property
+    def version(self) -> str:
+        return self.lease.version
+
+    async def score(self, pairs: Sequence[RewardInput]) -> list[float]:
         with engine_errors():
-            return [s.reward for s in await engine.score(pairs, truncation=truncation)]
-
-    return score
+            scores = await self.lease.score(pairs, truncation=self.truncation)
+        return [s.reward for s in scores]
 
 
 def too_long_details(exc: InputTooLong) -> dict[str, object]:

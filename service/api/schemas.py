@@ -22,6 +22,13 @@ NonEmpty = Annotated[str, StringConstraints(min_length=1), Field(strict=True)]
 Role = Literal["system", "user", "assistant", "tool"]
 BaselineSource = Literal["cache", "computed", "missing", "unavailable"]
 OnUnavailable = Literal["null", "raw", "error"]
+# A served model's name (CRS_MODELS NAME=DIR, or a directory's name).
+ModelName = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"),
+    Field(strict=True, description="a served model's name; default the first"),
+]
+ModelVersion = Annotated[str, StringConstraints(min_length=1, max_length=300), Field(strict=True)]
 # ASCII digits: Python's \d also takes other scripts' digits, JSON Schema's (ECMA) does not.
 AGGREGATE = re.compile(r"(mean|median|min|max|quantile:(0(\.[0-9]+)?|1(\.0+)?))")
 
@@ -126,8 +133,11 @@ class ContrastiveOptions(StrictBody):
 
 class RewardsRequest(StrictBody):
     items: list[RewardItem]
-    model_version: NonEmpty | None = Field(
-        default=None, description="pin a version; 409 when another one is active"
+    model: ModelName | None = None
+    model_version: ModelVersion | None = Field(
+        default=None,
+        description="pin a version: served by it while it is loaded, else 409 "
+        "version_not_loaded naming the active one",
     )
     contrastive: ContrastiveOptions | None = Field(
         default_factory=ContrastiveOptions, description="null skips baselines"
@@ -183,6 +193,9 @@ class BaselineItem(StrictBody):
 
 class BaselinesPut(StrictBody):
     items: list[BaselineItem]
+    model: ModelName | None = Field(
+        default=None, description="whose active version scores the responses; default the first"
+    )
     mode: Literal["replace", "append"] = Field(
         default="replace",
         description="replace: the responses become these (idempotent); append: added to them",
@@ -271,3 +284,82 @@ class GetRewardResponse(BaseModel):
     rewards: list[float]
     scores: list[float]
     extra_logs: dict[str, list[float]]
+
+
+# --- models and hot swap (DESIGN.md 4, "Models and hot swap") ----------------------------------
+
+
+class RebaselineInfo(BaseModel):
+    """Progress of the pass that scores the stored baseline responses with a new version."""
+
+    model_config = ConfigDict(extra="allow")
+
+    state: Literal["running", "done", "failed"]
+    prompts_total: int | None = None
+    prompts_done: int = 0
+    error: str | None = None
+
+
+class ModelVersionInfo(BaseModel):
+    name: str
+    version: str
+    path: str
+    state: Literal["loading", "ready", "active", "draining", "failed"]
+    error: str | None = None
+    in_flight: int
+    loaded_at: float | None = None
+    activated_at: float | None = None
+    default: bool
+    rebaseline: RebaselineInfo | None = None
+
+
+class ModelsResponse(BaseModel):
+    active: ModelRef | None = Field(description="the default model's active version")
+    default: str | None
+    active_versions: dict[str, str | None]
+    models: list[ModelVersionInfo]
+
+
+class ModelLoad(StrictBody):
+    path: Annotated[str, StringConstraints(min_length=1, max_length=4096), Field(strict=True)]
+    name: ModelName | None = Field(
+        default=None, description="the name it serves under; default the default model's"
+    )
+    activate: bool = Field(default=False, description="activate once loaded and checked")
+    rebaseline: Literal["eager", "lazy"] = Field(
+        default="eager",
+        description="eager: score every stored baseline response before activating; lazy: "
+        "on first use",
+    )
+    label_index: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    golden: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = Field(
+        default=None,
+        description="a JSONL file on the service's host of {prompt, response, reward}: the new "
+        "version must score each within golden_tolerance, else the load fails",
+    )
+    golden_tolerance: Annotated[float, Field(ge=0, le=1e6)] | None = None
+
+
+class ModelActivate(StrictBody):
+    rebaseline: Literal["eager", "lazy"] = "eager"
+
+
+class ModelLoadAccepted(BaseModel):
+    name: str
+    version: str
+    path: str
+    state: str
+
+
+class ModelActivated(BaseModel):
+    name: str
+    version: str
+    state: str
+    previous: str | None
+    changed: bool
+
+
+class ModelUnloaded(BaseModel):
+    name: str
+    version: str
+    state: str

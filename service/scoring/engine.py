@@ -7,6 +7,9 @@ runs in the batcher's device threads (one on a GPU), so the event loop only ever
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import gc
 import logging
 import math
 from collections.abc import Sequence
@@ -16,8 +19,9 @@ from typing import Literal, Protocol
 
 from service.scoring.batcher import Batcher, BatchObserver, DeviceHealth
 from service.scoring.formatting import input_chars
-from service.scoring.model import RewardModel, load_reward_model
+from service.scoring.model import Identified, RewardModel, identify_model, load_reward_model
 from service.scoring.types import (
+    Encoded,
     ModelInfo,
     ModelLoadError,
     NonFiniteReward,
@@ -58,8 +62,14 @@ class RewardEngine(Protocol):
         """The device threads scoring runs on: started, alive, died (none before start)."""
         ...
 
-    async def astart(self) -> None:
-        """Load and warm the model; returns when ready, raises when the load failed."""
+    async def aidentify(self) -> ModelInfo:
+        """What the engine will serve (name, version, ...) from the model's files, before any
+        weights are loaded; raises ``ModelLoadError`` for a directory that cannot serve."""
+
+    async def astart(self, *, full_warm_up: bool = False) -> None:
+        """Load and warm the model; returns when ready, raises when the load failed. With
+        ``full_warm_up`` the warm-up includes a batch of the full token budget, so a model
+        that cannot run one fails here (a hot swap) rather than on the first big request."""
 
     async def astop(self) -> None:
         """Release threads and the model."""
@@ -76,6 +86,7 @@ class HFRewardEngine:
         self._settings = settings
         self._observer = observer
         self._model: RewardModel | None = None
+        self._identified: Identified | None = None
         self._batcher: Batcher | None = None
         self._state: EngineState = "loading"
         self._load_error: str | None = None
@@ -104,12 +115,25 @@ class HFRewardEngine:
         batcher = self._batcher
         return batcher.device_health if batcher else DeviceHealth(started=0, alive=0, died=0)
 
-    async def astart(self) -> None:
+    async def aidentify(self) -> ModelInfo:
+        if self._identified is None:
+            self._identified = await asyncio.get_running_loop().run_in_executor(
+                self._load_pool, identify_model, self._model_path, self._settings
+            )
+        return self._identified.info
+
+    def _load(self, full_warm_up: bool) -> RewardModel:
+        """On the load thread: the model, and with ``full_warm_up`` one full-size forward."""
+        model = load_reward_model(self._model_path, self._settings, self._identified)
+        if full_warm_up:
+            check_full_batch(model, self._settings.max_batch_tokens)
+        return model
+
+    async def astart(self, *, full_warm_up: bool = False) -> None:
         loop = asyncio.get_running_loop()
         try:
-            model = await loop.run_in_executor(
-                self._load_pool, load_reward_model, self._model_path, self._settings
-            )
+            await self.aidentify()
+            model = await loop.run_in_executor(self._load_pool, self._load, full_warm_up)
             batcher = self._new_batcher(model)
             batcher.start()
             self._model, self._batcher = model, batcher
@@ -125,6 +149,7 @@ class HFRewardEngine:
             if self._batcher is not None:
                 await self._batcher.stop()
             self._model, self._batcher = None, None
+            release_memory()
             raise
         self._state = "ready"
         normalization = model.normalization
@@ -164,7 +189,8 @@ class HFRewardEngine:
         self._state = "stopped"
         if self._batcher is not None:
             await self._batcher.stop()
-        self._model = None
+        self._model, self._batcher, self._identified = None, None, None
+        release_memory()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self._bulk_tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self._load_pool.shutdown(wait=False, cancel_futures=True)
@@ -188,3 +214,42 @@ class HFRewardEngine:
             Score(reward=reward, tokens=item.length, truncated=item.truncated)
             for reward, item in zip(rewards, encoded, strict=True)
         ]
+
+
+def full_batch(model: RewardModel, max_batch_tokens: int) -> list[Encoded]:
+    """The largest batch the batcher may form: items of the longest input the model takes
+    (or the whole budget when that is shorter), as many as the token budget holds."""
+    length = max(1, min(model.info.max_input_tokens, max_batch_tokens))
+    [sample] = model.formatter.encode([WARM_UP_ITEM], "left")
+    ids = (sample.input_ids * (length // max(1, sample.length) + 1))[:length]
+    types = None if sample.token_type_ids is None else [0] * length
+    item = Encoded(input_ids=ids, token_type_ids=types, truncated=False)
+    return [item] * max(1, max_batch_tokens // length)
+
+
+def check_full_batch(model: RewardModel, max_batch_tokens: int) -> None:
+    """One forward of a full-size batch; an out-of-memory or non-finite result fails the load
+    with what to change."""
+    batch = full_batch(model, max_batch_tokens)
+    try:
+        rewards = model.forward(batch)
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        raise ModelLoadError(
+            f"a full-size batch ({len(batch)} x {batch[0].length} tokens, CRS_MAX_BATCH_TOKENS="
+            f"{max_batch_tokens}) failed: {exc}; lower CRS_MAX_BATCH_TOKENS or free device memory"
+        ) from exc
+    if not all(map(math.isfinite, rewards)):
+        raise ModelLoadError("a full-size warm-up batch gave non-finite rewards")
+
+
+def release_memory() -> None:
+    """Give an unloaded model's memory back: collect its cycles, return CUDA's cached blocks
+    and glibc's free heap pages to the system."""
+    gc.collect()
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

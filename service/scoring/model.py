@@ -279,36 +279,40 @@ def model_max_tokens(config: Any, tokenizer: Any) -> int:
     return min(sane)
 
 
-def load_reward_model(path: Path, settings: Settings) -> RewardModel:
-    """Load weights and tokenizer from ``path`` and check they make a one-output reward model."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+@dataclass(frozen=True, kw_only=True)
+class Identified:
+    """A model directory read as far as its version: config, tokenizer, serving settings and
+    file digest, but no weights. Loading continues from here (``load_reward_model``)."""
+
+    info: ModelInfo
+    checked: Preflight
+    tokenizer: Any
+    normalization: Normalization | None
+
+
+def identify_model(path: Path, settings: Settings) -> Identified:
+    """The version ``path`` would serve under ``settings``, and what loading it needs; raises
+    ``ModelLoadError`` for a directory that cannot be a reward model. It reads every file once
+    (the digest) but loads no weights, so a refused directory costs no memory."""
+    from transformers import AutoTokenizer
 
     checked = preflight(path, settings)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=settings.trust_remote_code)
-    model, loading_info = AutoModelForSequenceClassification.from_pretrained(
-        path,
-        dtype=dtype,
-        use_safetensors=checked.use_safetensors,
-        trust_remote_code=settings.trust_remote_code,
-        output_loading_info=True,
-    )
-    if loading_info.get("missing_keys"):
-        missing = sorted(loading_info["missing_keys"])
-        raise ModelLoadError(
-            f"{path} is not a trained sequence classifier: weights missing for {missing[:4]} "
-            "(a base model would get a random score head)"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=settings.trust_remote_code
         )
-    pad_token_id = pad_id(tokenizer, model.config)
-    max_tokens = settings.max_input_tokens or model_max_tokens(model.config, tokenizer)
-    if settings.max_input_tokens and max_tokens > model_max_tokens(model.config, tokenizer):
+    except (ValueError, OSError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {path}: {exc}") from exc
+    model_max = model_max_tokens(checked.config, tokenizer)
+    max_tokens = settings.max_input_tokens or model_max
+    if max_tokens > model_max:
         raise ModelLoadError(
-            f"CRS_MAX_INPUT_TOKENS={max_tokens} exceeds the model's maximum of "
-            f"{model_max_tokens(model.config, tokenizer)} tokens"
+            f"CRS_MAX_INPUT_TOKENS={max_tokens} exceeds the model's maximum of {model_max} tokens"
         )
     input_format = resolve_input_format(settings.input_format, tokenizer)
-    normalization = reward_normalization(model.config)
+    normalization = reward_normalization(checked.config)
     serving = serving_settings(
         label_index=checked.label_index,
         input_format=input_format,
@@ -327,14 +331,40 @@ def load_reward_model(path: Path, settings: Settings) -> RewardModel:
         label_index=checked.label_index,
         normalized=normalization is not None,
     )
+    return Identified(info=info, checked=checked, tokenizer=tokenizer, normalization=normalization)
+
+
+def load_reward_model(
+    path: Path, settings: Settings, identified: Identified | None = None
+) -> RewardModel:
+    """Load weights and tokenizer from ``path`` and check they make a one-output reward model
+    (from ``identified`` when the directory was identified already)."""
+    from transformers import AutoModelForSequenceClassification
+
+    found = identified or identify_model(path, settings)
+    device = torch.device(found.info.device)
+    model, loading_info = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        dtype=getattr(torch, found.info.dtype),
+        use_safetensors=found.checked.use_safetensors,
+        trust_remote_code=settings.trust_remote_code,
+        output_loading_info=True,
+    )
+    if loading_info.get("missing_keys"):
+        missing = sorted(loading_info["missing_keys"])
+        raise ModelLoadError(
+            f"{path} is not a trained sequence classifier: weights missing for {missing[:4]} "
+            "(a base model would get a random score head)"
+        )
+    pad_token_id = pad_id(found.tokenizer, model.config)
     return RewardModel(
-        info=info,
+        info=found.info,
         model=model.to(device).eval(),
-        formatter=Formatter(tokenizer, input_format, max_tokens),
+        formatter=Formatter(found.tokenizer, found.info.input_format, found.info.max_input_tokens),
         device=device,
         pad_token_id=pad_token_id,
         workers=plan_workers(settings.device_workers, device),
-        normalization=normalization,
+        normalization=found.normalization,
     )
 
 

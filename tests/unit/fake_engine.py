@@ -71,8 +71,13 @@ class FakeEngine:
         load_gate: asyncio.Event | None = None,
         score_gate: asyncio.Event | None = None,
         fail_load: str | None = None,
+        path: Path = Path("/models/fake-rm"),
+        reward_offset: float = 0.0,
     ) -> None:
         self.name = name
+        self.path = path
+        self.reward_offset = reward_offset
+        self.full_warm_ups = 0
         self.version = version
         self.max_input_tokens = max_input_tokens
         self.load_gate = load_gate
@@ -94,10 +99,14 @@ class FakeEngine:
     def info(self) -> ModelInfo | None:
         if self._state != "ready":
             return None
+        return self.identity
+
+    @property
+    def identity(self) -> ModelInfo:
         return ModelInfo(
             name=self.name,
             version=self.version,
-            path=Path("/models/fake-rm"),
+            path=self.path,
             device="cpu",
             dtype="float32",
             input_format="pair",
@@ -122,8 +131,12 @@ class FakeEngine:
         """Make the next ``score`` call raise ``error`` (once)."""
         self._score_error = error
 
-    async def astart(self) -> None:
+    async def aidentify(self) -> ModelInfo:
+        return self.identity
+
+    async def astart(self, *, full_warm_up: bool = False) -> None:
         self.starts += 1
+        self.full_warm_ups += full_warm_up
         if self.load_gate is not None:
             await self.load_gate.wait()
         if self.fail_load is not None:
@@ -150,7 +163,7 @@ class FakeEngine:
             raise InputTooLong(over, limit)
         return [
             Score(
-                reward=fake_reward(item.prompt, item.response),
+                reward=fake_reward(item.prompt, item.response) + self.reward_offset,
                 tokens=min(n, limit),
                 truncated=n > limit,
             )

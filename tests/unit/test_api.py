@@ -480,7 +480,12 @@ def test_model_version_mismatch_409() -> None:
             await engine.wait_settled()
             response = await post(client, {**GOOD, "model_version": "fake-rm@ffffffffffff"})
             error = assert_envelope(response, 409, "conflict")
-            assert error["details"] == {"requested": "fake-rm@ffffffffffff", "active": FAKE_VERSION}
+            assert error["details"] == {
+                "reason": "version_not_loaded",
+                "requested": "fake-rm@ffffffffffff",
+                "active": FAKE_VERSION,
+                "loaded": [FAKE_VERSION],
+            }
             assert engine.calls == []
             response = await post(client, {**GOOD, "model_version": FAKE_VERSION})
             assert response.status_code == 200, response.text
@@ -675,6 +680,7 @@ def test_not_ready_while_loading_then_ready() -> None:
             assert response.json() == {
                 "status": "ready",
                 "model": {"name": FAKE_NAME, "version": FAKE_VERSION},
+                "models": {FAKE_NAME: FAKE_VERSION},
             }
             await assert_good_request_succeeds(client)
 
@@ -690,7 +696,7 @@ def test_failed_load_is_reported_and_fatal() -> None:
         async with serve(make_app(engine, on_fatal=fatal.append)) as client:
             await engine.wait_settled()
             error = assert_envelope(await client.get("/readyz"), 503, "not_ready")
-            assert error["message"] == f"model is failed: {reason}"
+            assert error["message"] == f"model load failed: {reason}"
             response = await post(client, GOOD)
             error = assert_envelope(response, 503, "not_ready")
             assert reason in error["message"]
@@ -827,6 +833,7 @@ def test_openapi_documents_the_rewards_body() -> None:
         request_schema = schemas["RewardsRequest"]
         assert set(request_schema["properties"]) == {
             "items",
+            "model",
             "model_version",
             "contrastive",
             "truncation",

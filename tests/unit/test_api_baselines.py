@@ -388,13 +388,16 @@ def test_a_shared_computation_survives_the_cancellation_of_its_first_asker() -> 
         service = BaselineService(store, Settings(), Metrics())
         gate, calls = asyncio.Event(), []
 
-        async def score(items: Any) -> list[float]:
-            calls.append(items)
-            await gate.wait()
-            return [fake_reward(i.prompt, i.response) for i in items]
+        class Scoring:
+            version = FAKE_VERSION
 
-        first = asyncio.create_task(service.resolve({"p": "P"}, FAKE_VERSION, score))
-        second = asyncio.create_task(service.resolve({"p": "P"}, FAKE_VERSION, score))
+            async def score(self, items: Any) -> list[float]:
+                calls.append(items)
+                await gate.wait()
+                return [fake_reward(i.prompt, i.response) for i in items]
+
+        first = asyncio.create_task(service.resolve({"p": "P"}, Scoring()))
+        second = asyncio.create_task(service.resolve({"p": "P"}, Scoring()))
         while not calls:
             await asyncio.sleep(0)
         first.cancel()

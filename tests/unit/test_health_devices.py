@@ -55,9 +55,9 @@ class BatcherEngine(FakeEngine):
     def device_health(self) -> DeviceHealth:
         return self.batcher.device_health
 
-    async def astart(self) -> None:
+    async def astart(self, *, full_warm_up: bool = False) -> None:
         self.batcher.start()
-        await super().astart()
+        await super().astart(full_warm_up=full_warm_up)
 
     async def astop(self) -> None:
         await self.batcher.stop()
