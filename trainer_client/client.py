@@ -12,6 +12,14 @@ turn; a replica that refused a connection or answered 503 is skipped for
 ``RetryPolicy.replica_cooldown_s``. Every request is safe to repeat: scoring only reads, a
 replace stores the same thing again, and each baseline item carries an ``upload_id`` that the
 service applies once, so an append whose answer was lost is not stored twice by its retry.
+
+One ``score`` call gives rewards of one model version, even while replicas serve different
+ones during a rollout: its first request goes unpinned and the others are pinned (with
+``"model_version"``) to the version that answered it. A replica that does not serve that
+version (409 ``version_not_loaded``, or an answer of another version) is passed over for the
+rest of the call; when no replica serves it any more, the whole call is scored once more,
+unpinned. Across calls the client does not go back: once it has seen the version change, later
+calls are pinned to the new one for as long as some replica serves it.
 """
 
 from __future__ import annotations
@@ -21,9 +29,10 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -53,6 +62,11 @@ Truncation = Literal["none", "left"]
 Mode = Literal["replace", "append"]
 VersionHook = Callable[[str | None, str], None]
 
+# The 409 of a request pinned to a version the replica does not serve: its ``type``, or a
+# ``conflict`` saying so in ``details.reason``; services before model management answered a
+# ``conflict`` naming the version in ``details.requested``.
+VERSION_NOT_LOADED = "version_not_loaded"
+
 # Sent as ``"contrastive": {}``: the service's defaults (mean, none, null). None skips baselines.
 SERVER_DEFAULTS: Mapping[str, Any] = MappingProxyType({})
 
@@ -72,6 +86,7 @@ class RewardServiceError(Exception):
         message: the envelope's ``message``.
         details: the envelope's ``details`` (for a 422, the bad fields).
         url: the URL of the request that failed last.
+        replica: the base URL of the replica that answered it (None without a request).
         offset: the index, in the items given, of the failed request's first item; indices
             in ``details`` count from it. None for requests without items.
         retries: how many retries came before giving up.
@@ -93,6 +108,7 @@ class RewardServiceError(Exception):
         self.error_type = error_type
         self.details = details
         self.url = url
+        self.replica: str | None = None
         self.offset = offset
         self.retries = 0
 
@@ -143,6 +159,39 @@ class _Failure:
     cause: Exception | None = None
 
 
+class _VersionGone(Exception):
+    """No replica serves the model version a request is pinned to (any more)."""
+
+    def __init__(self, version: str, refusal: RewardServiceError) -> None:
+        super().__init__(f"no replica serves model version {version}")
+        self.version = version
+        self.refusal = refusal
+
+
+@dataclass
+class _Refusals:
+    """The replicas found, during one call, not to serve the version it is pinned to: every
+    chunk of the call passes them over. ``latest`` is the latest refusal, raised when every
+    replica refuses."""
+
+    replicas: set[str] = field(default_factory=set)
+    latest: RewardServiceError | None = None
+
+    def add(self, replica: str, refusal: RewardServiceError) -> None:
+        self.replicas.add(replica)
+        self.latest = refusal
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Scored:
+    """The results of one request, or of a whole call, and the version that scored them.
+    ``replaced``: the version the call was pinned to first, when no replica served it."""
+
+    results: list[RewardResult]
+    version: str
+    replaced: str | None = None
+
+
 class AsyncRewardClient:
     """Scores items and uploads baselines on one or more crs replicas; every method is a
     coroutine. Use it on one event loop, and close it (``aclose`` or ``async with``).
@@ -154,11 +203,18 @@ class AsyncRewardClient:
         retry: retries, backoff and replica cool-down; default ``RetryPolicy()``.
         chunk_size: items per request (for baselines: responses per request, whole prompts).
         max_concurrency: requests in flight at once, over all calls on this client.
-        model_version: pin; every request names it and a 409 is raised if it is not active.
-        on_version_change: called as ``hook(old, new)`` each time an answer's model version
-            differs from the previous answer's; the first answer counts as a change from None.
-            It runs on the client's event loop (for ``RewardClient``, its background thread);
-            an exception it raises fails the call that saw the change.
+        model: the name of the reward model to use, where the service serves several; None:
+            the service's default one.
+        model_version: pin; every request names it, a replica that does not serve it is passed
+            over, and a 409 ``version_not_loaded`` is raised when none does. It is never
+            replaced by another version.
+        on_version_change: called as ``hook(old, new)`` once per change of the model version
+            the client's calls get (the first one counts as a change from None), never for a
+            replica still answering with a version the client has moved on from. It runs on
+            the client's event loop (for ``RewardClient``, its background thread); an exception
+            it raises fails the call that saw the change.
+        transport: an httpx transport to send requests through (default: httpx's own, over
+            the network); for example ``httpx.MockTransport`` in a test.
     """
 
     def __init__(
@@ -170,22 +226,30 @@ class AsyncRewardClient:
         retry: RetryPolicy | None = None,
         chunk_size: int = 256,
         max_concurrency: int = 8,
+        model: str | None = None,
         model_version: str | None = None,
         on_version_change: VersionHook | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if model is not None and not model:
+            raise ValueError("model must be a non-empty name or None")
         self.retry = retry or RetryPolicy()
         self.replicas = Replicas(
             [urls] if isinstance(urls, str) else list(urls), self.retry.replica_cooldown_s
         )
         self.chunk_size = chunk_size
         self.max_concurrency = max_concurrency
+        self.model = model
         self.model_version = model_version
         self.on_version_change = on_version_change
         self._seen_version: str | None = None
+        # Versions the client moved on from: a replica still answering one is behind, and no
+        # change is reported for it.
+        self._left_versions: set[str] = set()
         self._slots = asyncio.Semaphore(max_concurrency)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # Keep-alive for every slot on every replica: round robin would churn connections.
@@ -194,11 +258,13 @@ class AsyncRewardClient:
             timeout=timeout or DEFAULT_TIMEOUT,
             headers=headers,
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=keepalive),
+            transport=transport,
         )
 
     @property
     def seen_model_version(self) -> str | None:
-        """The model version of the latest answer (None before the first)."""
+        """The model version the client's calls get now: that of the latest call (None before
+        the first), and once it has changed, the one later calls are pinned to."""
         return self._seen_version
 
     async def score(
@@ -215,17 +281,29 @@ class AsyncRewardClient:
                 service's defaults), or None to skip baselines.
             truncation: ``none`` (over-long items are a 422) or ``left``; None: the service's.
 
+        Every result has the same ``model_version`` (see the module's docstring for how).
+
         Raises:
             ValueError: an item is not of the expected shape (named by its index).
             RewardServiceError: a request refused, or retries ran out; nothing is returned.
+                With ``model_version`` set: 409 ``version_not_loaded`` when no replica serves
+                it. Without: the same when the version vanished from every replica in the
+                middle of the call twice.
         """
         bodies = _to_json(items, Item)
+        if not bodies:
+            return []
         options = self._reward_options(contrastive, truncation)
-        spans = _spans(len(bodies), self.chunk_size)
-        answers = await _all_or_none(
-            self._score_chunk(bodies[start:end], start, options) for start, end in spans
-        )
-        return [result for answer in answers for result in answer]
+        if self.model_version is not None:
+            scored = await self._score_pinned_by_user(bodies, options, self.model_version)
+            self._saw_version(scored.version, settled=True)
+        else:
+            scored = await self._score_on_one_version(bodies, options)
+            # A version the client moved on from is taken back only where the one it follows
+            # left every replica (a rollback everywhere), not from a call begun before the move.
+            settled = scored.replaced is not None and scored.replaced == self._seen_version
+            self._saw_version(scored.version, settled=settled)
+        return scored.results
 
     async def push_baselines(
         self, items: Iterable[BaselineItem | Mapping[str, Any]], mode: Mode = "replace"
@@ -284,7 +362,9 @@ class AsyncRewardClient:
         body: dict[str, Any] = {"query": list(queries)}
         if prompts is not None:
             body["prompts"] = list(prompts)
-        response = await self._send("POST", "/get_reward", body, offset=offset)
+        # OpenRLHF's body has no room for it: the model's name goes in the query string.
+        path = "/get_reward" if self.model is None else f"/get_reward?model={quote(self.model)}"
+        response = await self._send("POST", path, body, offset=offset)
         answer = _parse(OpenRLHFRewards, response, offset)
         _check_count(len(answer.rewards), len(queries), response, offset)
         return answer
@@ -325,6 +405,84 @@ class AsyncRewardClient:
     ) -> None:
         await self.aclose()
 
+    # --- one call on one model version ------------------------------------------------------
+
+    async def _score_pinned_by_user(
+        self, bodies: list[dict[str, Any]], options: dict[str, Any], version: str
+    ) -> _Scored:
+        """Every chunk pinned to the caller's version, on whichever replicas serve it."""
+        try:
+            return await self._score_call(bodies, options, version)
+        except _VersionGone as gone:
+            raise gone.refusal from None
+
+    async def _score_on_one_version(
+        self, bodies: list[dict[str, Any]], options: dict[str, Any]
+    ) -> _Scored:
+        """The call pinned to the version the client follows (unpinned before it has seen a
+        change); scored again once, unpinned, when its version left every replica: a rollback
+        everywhere, or a swap finishing in the middle of the call."""
+        try:
+            return await self._score_call(bodies, options, self._followed_version)
+        except _VersionGone as gone:
+            replaced = gone.version
+        log.warning(
+            "no replica serves model version %s any more; scoring the call again on the "
+            "version the service gives now",
+            replaced,
+        )
+        try:
+            again = await self._score_call(bodies, options, None)
+        except _VersionGone as gone:
+            raise gone.refusal from None
+        return _Scored(results=again.results, version=again.version, replaced=replaced)
+
+    async def _score_call(
+        self, bodies: list[dict[str, Any]], options: dict[str, Any], pin: str | None
+    ) -> _Scored:
+        """Every chunk scored by ``pin``, or when it is None, by the version that answers the
+        first chunk (sent alone for that, the others then concurrently).
+
+        Raises:
+            _VersionGone: no replica serves that version.
+        """
+        spans = _spans(len(bodies), self.chunk_size)
+        refusing = _Refusals()
+        done: list[list[RewardResult]] = []
+        if pin is None:
+            start, end = spans.pop(0)
+            first = await self._score_chunk(bodies[start:end], start, options, None, refusing)
+            done.append(first.results)
+            pin = first.version
+        version = pin
+        rest = await _all_or_none(
+            self._score_chunk(bodies[start:end], start, options, version, refusing)
+            for start, end in spans
+        )
+        done.extend(chunk.results for chunk in rest)
+        return _Scored(results=[result for chunk in done for result in chunk], version=version)
+
+    @property
+    def _followed_version(self) -> str | None:
+        """The version later calls are pinned to: the latest one the client changed to."""
+        return self._seen_version if self._left_versions else None
+
+    def _saw_version(self, version: str, *, settled: bool = False) -> None:
+        """A call, or an unpinned answer (a baseline upload's), got ``version``: a change,
+        unless it is one the client moved on from (a replica behind, or a call that began
+        before the move) and not ``settled`` (the caller's pin, or a rollback everywhere)."""
+        if version == self._seen_version:
+            return
+        if version in self._left_versions and not settled:
+            return
+        old, self._seen_version = self._seen_version, version
+        if old is not None:
+            self._left_versions.add(old)
+        self._left_versions.discard(version)
+        log.info("model version %s -> %s", old, version)
+        if self.on_version_change is not None:
+            self.on_version_change(old, version)
+
     # --- one request -----------------------------------------------------------------------
 
     def _reward_options(
@@ -335,27 +493,59 @@ class AsyncRewardClient:
         }
         if truncation is not None:
             options["truncation"] = truncation
-        if self.model_version is not None:
-            options["model_version"] = self.model_version
+        if self.model is not None:
+            options["model"] = self.model
         return options
 
     async def _score_chunk(
-        self, items: list[dict[str, Any]], offset: int, options: dict[str, Any]
-    ) -> list[RewardResult]:
+        self,
+        items: list[dict[str, Any]],
+        offset: int,
+        options: dict[str, Any],
+        pin: str | None,
+        refusing: _Refusals,
+    ) -> _Scored:
+        """One chunk's results: by any version when ``pin`` is None, else by ``pin``, tried on
+        each replica not in ``refusing`` until one serves it. A replica found not to serve it
+        is added to ``refusing``.
+
+        Raises:
+            _VersionGone: every replica refuses ``pin``.
+        """
         body = {"items": items, **options}
-        response = await self._send("POST", "/v1/rewards", body, offset=offset)
-        answer = _parse(RewardsAnswer, response, offset)
-        _check_count(len(answer.results), len(items), response, offset)
-        version = answer.model.version
-        self._saw_version(version)
-        return [
-            RewardResult.model_validate({**r, "model_version": version}) for r in answer.results
-        ]
+        if pin is not None:
+            body["model_version"] = pin
+        while True:
+            gone = refusing.replicas.issuperset(self.replicas.urls)
+            if pin is not None and refusing.latest is not None and gone:
+                raise _VersionGone(pin, refusing.latest)
+            try:
+                replica, response = await self._exchange(
+                    "POST", "/v1/rewards", body, offset=offset, skip=frozenset(refusing.replicas)
+                )
+            except RewardServiceError as error:
+                if pin is None or error.replica is None or not _refuses_version(error, pin):
+                    raise
+                refusing.add(error.replica, error)
+                continue
+            answer = _parse(RewardsAnswer, response, offset)
+            _check_count(len(answer.results), len(items), response, offset)
+            version = answer.model.version
+            if pin is not None and version != pin:
+                # A service that ignored the pin: as good as a refusal.
+                refusing.add(replica, _other_version(pin, version, response, offset))
+                continue
+            results = [
+                RewardResult.model_validate({**r, "model_version": version}) for r in answer.results
+            ]
+            return _Scored(results=results, version=version)
 
     async def _push_chunk(
         self, items: list[dict[str, Any]], ids: list[str], offset: int, mode: Mode
     ) -> BaselinesPushResult:
-        body = {"items": items, "mode": mode}
+        body: dict[str, Any] = {"items": items, "mode": mode}
+        if self.model is not None:
+            body["model"] = self.model
         # Safe to retry in both modes: the items' upload ids make a repeated append a no-op.
         response = await self._send("PUT", "/v1/baselines", body, offset=offset)
         answer = _parse(BaselinesPutAnswer, response, offset)
@@ -371,14 +561,6 @@ class AsyncRewardClient:
             model=answer.model, stored=answer.stored, failed=answer.failed, results=results
         )
 
-    def _saw_version(self, version: str) -> None:
-        if version == self._seen_version:
-            return
-        old, self._seen_version = self._seen_version, version
-        log.info("model version %s -> %s", old, version)
-        if self.on_version_change is not None:
-            self.on_version_change(old, version)
-
     async def _send(
         self,
         method: str,
@@ -392,16 +574,35 @@ class AsyncRewardClient:
         Raises:
             RewardServiceError: the last failure, when it is not retryable or retries ran out.
         """
+        _, response = await self._exchange(method, path, body, offset=offset)
+        return response
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        *,
+        offset: int | None = None,
+        skip: frozenset[str] = frozenset(),
+    ) -> tuple[str, httpx.Response]:
+        """``_send`` on the replicas not in ``skip``; the answer and the replica that gave it.
+
+        Raises:
+            RewardServiceError: the last failure (its ``replica`` set), when it is not
+                retryable or retries ran out.
+        """
         avoid: str | None = None
         retry = 0
         while True:
-            outcome = await self._try(method, path, body, offset, avoid)
-            if isinstance(outcome, httpx.Response):
+            outcome = await self._try(method, path, body, offset, avoid, skip)
+            if not isinstance(outcome, _Failure):
                 return outcome
             if not outcome.retryable or retry >= self.retry.retries:
                 outcome.error.retries = retry
+                outcome.error.replica = outcome.replica
                 raise outcome.error from outcome.cause
-            await self._pause(retry, outcome)
+            await self._pause(retry, outcome, skip)
             avoid = outcome.replica
             retry += 1
 
@@ -412,19 +613,20 @@ class AsyncRewardClient:
         body: dict[str, Any] | None,
         offset: int | None,
         avoid: str | None,
-    ) -> httpx.Response | _Failure:
-        """The answer of one try if it succeeded, else what went wrong."""
+        skip: frozenset[str],
+    ) -> tuple[str, httpx.Response] | _Failure:
+        """The replica and its answer if the try succeeded, else what went wrong."""
         async with self._slots:
             # The replica is chosen once a slot is free, not before waiting for one: by then an
             # earlier request may have found it down.
-            replica = self.replicas.pick(avoid=avoid)
+            replica = self.replicas.pick(avoid=avoid, skip=skip)
             try:
                 response = await self._http.request(method, replica + path, json=body)
             except httpx.TransportError as error:
                 failure = self._transport_failure(error, replica, path, offset)
             else:
                 if response.is_success:
-                    return response
+                    return replica, response
                 failure = self._status_failure(response, replica, offset)
             if failure.replica_down:
                 self.replicas.mark_down(replica)
@@ -459,10 +661,11 @@ class AsyncRewardClient:
             cause=error,
         )
 
-    async def _pause(self, retry: int, failure: _Failure) -> None:
+    async def _pause(self, retry: int, failure: _Failure, skip: frozenset[str]) -> None:
         """Wait before the next try: not at all when the failure was the replica's and
-        another one is up; else the policy's jittered backoff, at least any Retry-After."""
-        if failure.replica_down and self.replicas.other_available(failure.replica):
+        another one (not in ``skip``) is up; else the policy's jittered backoff, at least any
+        Retry-After."""
+        if failure.replica_down and self.replicas.other_available(failure.replica, skip):
             log.warning("%s; trying another replica", failure.error)
             return
         delay = self.retry.delay_s(retry, failure.retry_after_s)
@@ -489,8 +692,10 @@ class RewardClient:
         retry: RetryPolicy | None = None,
         chunk_size: int = 256,
         max_concurrency: int = 8,
+        model: str | None = None,
         model_version: str | None = None,
         on_version_change: VersionHook | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         async def build() -> AsyncRewardClient:
             # Built on its loop, so that everything it creates belongs to that loop.
@@ -501,8 +706,10 @@ class RewardClient:
                 retry=retry,
                 chunk_size=chunk_size,
                 max_concurrency=max_concurrency,
+                model=model,
                 model_version=model_version,
                 on_version_change=on_version_change,
+                transport=transport,
             )
 
         self._loop = _LoopThread()
@@ -511,6 +718,11 @@ class RewardClient:
         except BaseException:
             self._loop.stop()
             raise
+
+    @property
+    def model(self) -> str | None:
+        """The reward model's name sent with each request (None: the service's default)."""
+        return self._client.model
 
     @property
     def model_version(self) -> str | None:
@@ -523,7 +735,7 @@ class RewardClient:
 
     @property
     def seen_model_version(self) -> str | None:
-        """The model version of the latest answer (None before the first)."""
+        """See ``AsyncRewardClient.seen_model_version``."""
         return self._client.seen_model_version
 
     @property
@@ -690,6 +902,33 @@ def _parse(model: type[Answer], response: httpx.Response, offset: int | None = N
 def _check_count(got: int, sent: int, response: httpx.Response, offset: int | None) -> None:
     if got != sent:
         raise _bad_answer(f"{got} results for {sent} items", response, offset)
+
+
+def _refuses_version(error: RewardServiceError, version: str) -> bool:
+    """Whether ``error`` says its replica does not serve ``version`` (rather than that the
+    request was bad)."""
+    if error.status != 409:
+        return False
+    if error.error_type == VERSION_NOT_LOADED:
+        return True
+    details = error.details if isinstance(error.details, dict) else {}
+    if details.get("reason") == VERSION_NOT_LOADED:
+        return True
+    return error.error_type == "conflict" and details.get("requested") == version
+
+
+def _other_version(
+    pin: str, version: str, response: httpx.Response, offset: int
+) -> RewardServiceError:
+    """The refusal of a replica that answered a request pinned to ``pin`` with ``version``."""
+    return RewardServiceError(
+        f"answered with model version {version} a request pinned to {pin}",
+        status=409,
+        error_type=VERSION_NOT_LOADED,
+        details={"requested": pin, "active": version},
+        url=str(response.request.url),
+        offset=offset,
+    )
 
 
 def _bad_answer(why: str, response: httpx.Response, offset: int | None) -> RewardServiceError:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import httpx
 
@@ -64,13 +64,22 @@ class Replicas:
         self._next = 0
         self._down_until: dict[str, float] = {}
 
-    def pick(self, avoid: str | None = None) -> str:
+    def pick(self, avoid: str | None = None, skip: Collection[str] = ()) -> str:
         """The next replica in turn that is not cooling down, preferring one other than
-        ``avoid`` (where the request just failed). When all are cooling down, the one back
-        soonest: a request is never refused here, only delayed by the caller's backoff."""
+        ``avoid`` (where the request just failed) and never one in ``skip`` (those that do
+        not serve the model version the request is pinned to). When all are cooling down,
+        the one back soonest: a request is never refused here, only delayed by the caller's
+        backoff.
+
+        Raises:
+            ValueError: ``skip`` names every replica.
+        """
         now = self._clock()
         count = len(self.urls)
         turn = [self.urls[(self._next + step) % count] for step in range(count)]
+        steps = [step for step in range(count) if turn[step] not in skip]
+        if not steps:
+            raise ValueError(f"every replica is skipped: {sorted(skip)}")
 
         def rank(step: int) -> tuple[bool, float, bool, int]:
             url = turn[step]
@@ -78,7 +87,7 @@ class Replicas:
             cooling = until > now
             return (cooling, until if cooling else 0.0, url == avoid, step)
 
-        step = min(range(count), key=rank)
+        step = min(steps, key=rank)
         self._next = (self._next + step + 1) % count
         return turn[step]
 
@@ -91,7 +100,11 @@ class Replicas:
         """``url`` answered: it is back in the rotation at once."""
         self._down_until.pop(url, None)
 
-    def other_available(self, url: str) -> bool:
-        """Whether a replica other than ``url`` is not cooling down (so a retry need not wait)."""
+    def other_available(self, url: str, skip: Collection[str] = ()) -> bool:
+        """Whether a replica other than ``url``, and not in ``skip``, is not cooling down (so a
+        retry need not wait)."""
         now = self._clock()
-        return any(other != url and self._down_until.get(other, 0.0) <= now for other in self.urls)
+        return any(
+            other != url and other not in skip and self._down_until.get(other, 0.0) <= now
+            for other in self.urls
+        )

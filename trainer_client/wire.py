@@ -132,27 +132,57 @@ class BaselinesPushResult(_Answer):
     results: list[BaselineStored]
 
 
+class RebaselineInfo(_Answer):
+    """Progress of rescoring the stored baseline responses with a new version (an eager
+    activation's, before it switches)."""
+
+    state: str = Field(description="running | done | failed")
+    prompts_total: int = 0
+    prompts_done: int = 0
+    responses_scored: int = 0
+    prompts_cached_already: int = Field(
+        default=0, description="prompts whose rewards another replica had cached already"
+    )
+    error: str | None = None
+
+
 class ModelInfo(_Answer):
-    """One model the service knows of (``GET /v1/models``)."""
+    """One model version the service knows of (``GET /v1/models``).
+
+    Fields after ``error`` are None when the service predates model management.
+    """
 
     name: str
     version: str
     path: str | None = None
     state: str = Field(description="loading | ready | active | draining | failed")
     error: str | None = None
+    in_flight: int | None = Field(default=None, description="requests holding this version")
+    loaded_at: float | None = Field(default=None, description="Unix time the load finished")
+    activated_at: float | None = Field(default=None, description="Unix time it became active")
+    rebaseline: RebaselineInfo | None = None
+    default: bool | None = Field(
+        default=None, description="whether a request that names no model gets this name"
+    )
 
 
 class ModelsInfo(_Answer):
-    """The service's active model version and every model it has loaded."""
+    """The service's active model version and every model it has loaded.
+
+    ``active`` is the default name's active version; ``active_versions`` that of every name
+    (empty from a service that serves one model and does not list it).
+    """
 
     active: str | None = None
+    default: str | None = Field(default=None, description="the name a request gets by default")
+    active_versions: dict[str, str | None] = Field(default_factory=dict)
     models: list[ModelInfo]
 
     @field_validator("active", mode="before")
     @classmethod
     def _version_of(cls, value: Any) -> Any:
-        # DESIGN.md leaves open whether "active" is a version or a {name, version} object:
-        # take either, and keep the version.
+        # The service answers {"name", "version"}; older ones a bare version: take either, and
+        # keep the version.
         if isinstance(value, dict):
             return value.get("version")
         return value

@@ -1,11 +1,13 @@
 """The reward client's pure parts: replica rotation and cool-down, chunk spans, input checks,
-the error envelope, and what it refuses at construction. Behaviour against a real server is in
-tests/e2e/test_client.py."""
+the error envelope, the models listing, and what it refuses at construction. Its version
+protocol against fake replicas is in tests/unit/test_client_versions.py; behaviour against a
+real server in tests/e2e/test_client.py."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import httpx
 import pytest
@@ -68,6 +70,18 @@ def test_when_every_replica_cools_down_the_one_back_soonest_is_picked() -> None:
     assert not replicas.other_available(A)
     clock.now += 4
     assert replicas.other_available(A)
+
+
+def test_replicas_that_lack_the_pinned_version_are_never_picked() -> None:
+    clock = Clock()
+    replicas = Replicas([A, B, C], cooldown_s=5.0, clock=clock)
+    assert [replicas.pick(skip={B}) for _ in range(4)] == [A, C, A, C]
+    replicas.mark_down(C)
+    # C cools down, B is skipped: A, even where it is the one to avoid.
+    assert replicas.pick(avoid=A, skip={B}) == A
+    assert not replicas.other_available(A, skip={B})
+    with pytest.raises(ValueError, match="every replica is skipped"):
+        replicas.pick(skip={A, B, C})
 
 
 def test_a_zero_cooldown_never_skips() -> None:
@@ -179,11 +193,58 @@ def test_models_take_the_active_version_as_a_string_or_an_object() -> None:
         assert info.models[0].error is None
 
 
+def test_models_read_every_name_and_rebaseline_progress_and_ignore_new_fields() -> None:
+    entry = {
+        "name": "rm",
+        "version": "rm@abc",
+        "path": "/m/rm",
+        "state": "active",
+        "error": None,
+        "in_flight": 2,
+        "loaded_at": 1.7e9,
+        "activated_at": 1.7e9 + 5,
+        "default": True,
+        "rebaseline": {
+            "state": "running",
+            "prompts_total": 10,
+            "prompts_done": 3,
+            "responses_scored": 24,
+            "prompts_cached_already": 1,
+            "error": None,
+            "eta_s": 4.0,
+        },
+        "someday": "a field this client does not know",
+    }
+    harm = {"name": "harm", "version": "harm@1", "state": "loading", "rebaseline": None}
+    info = ModelsInfo.model_validate(
+        {
+            "active": {"name": "rm", "version": "rm@abc"},
+            "default": "rm",
+            "active_versions": {"rm": "rm@abc", "harm": None},
+            "models": [entry, harm],
+        }
+    )
+    assert (info.active, info.default, info.active_versions) == (
+        "rm@abc",
+        "rm",
+        {"rm": "rm@abc", "harm": None},
+    )
+    rm, loading = info.models
+    assert (rm.in_flight, rm.default, rm.activated_at) == (2, True, 1.7e9 + 5)
+    assert rm.rebaseline is not None
+    assert (rm.rebaseline.state, rm.rebaseline.prompts_done) == ("running", 3)
+    assert (loading.rebaseline, loading.default, loading.in_flight) == (None, None, None)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"chunk_size": 0}, "chunk_size"), ({"max_concurrency": 0}, "max_concurrency")],
+    [
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"max_concurrency": 0}, "max_concurrency"),
+        ({"model": ""}, "model must be"),
+    ],
 )
-def test_bad_settings_are_refused_at_construction(kwargs: dict[str, int], message: str) -> None:
+def test_bad_settings_are_refused_at_construction(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AsyncRewardClient(A, **kwargs)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=message):
