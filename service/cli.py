@@ -40,7 +40,48 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", type=Path, help="output directory (must be empty or absent)")
     tiny.add_argument("--arch", choices=["llama", "bert"], default="llama")
     tiny.add_argument("--seed", type=int, default=0)
+    add_models(commands.add_parser("models", help="list, load, activate or unload model versions"))
     return parser
+
+
+def add_models(models: argparse.ArgumentParser) -> None:
+    """`crs-service models ACTION URL...`, run by service/admin_cli.py. The tokens come from the
+    environment when the command runs, not as argparse defaults, so --help never shows them."""
+    actions = models.add_subparsers(dest="models_action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="each replica's model versions and their state")
+    listing.add_argument("--json", action="store_true", help="the listings as JSON")
+    load = actions.add_parser("load", help="load a model directory, one replica at a time")
+    activate = actions.add_parser("activate", help="make a loaded version its name's active one")
+    unload = actions.add_parser("unload", help="unload a version that is not active")
+    for action in (listing, load, activate, unload):
+        action.add_argument(
+            "urls", nargs="+", metavar="URL", help="replica base URLs, changed in this order"
+        )
+        action.add_argument("--token", help="API token for GET /v1/models ($CRS_API_TOKEN)")
+    for action in (activate, unload):
+        action.add_argument("version", metavar="VERSION", help="e.g. rm@1a2b3c4d")
+    load.add_argument("--path", required=True, help="model directory, as the service sees it")
+    load.add_argument("--name", help="name it serves under (default: the default model's)")
+    load.add_argument(
+        "--activate", action="store_true", help="activate it once loaded on every replica"
+    )
+    load.add_argument(
+        "--golden", help="JSONL of {prompt, response, reward} on the service's disk to check"
+    )
+    load.add_argument("--golden-tolerance", type=float, help="largest golden difference")
+    for action in (load, activate):
+        action.add_argument(
+            "--rebaseline", choices=["eager", "lazy"], help="rescore baselines before (eager)"
+        )
+    for action in (load, activate, unload):
+        action.add_argument("--admin-token", help="the service's admin token ($CRS_ADMIN_TOKEN)")
+        action.add_argument(
+            "--timeout", type=float, default=1800.0, help="seconds to wait per replica"
+        )
+        action.add_argument(
+            "--poll-interval", type=float, default=1.0, help="seconds between progress looks"
+        )
+        action.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def add_serve(serve: argparse.ArgumentParser) -> None:
@@ -73,7 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "tiny-model":
         return tiny_model(args)
+    if args.command == "models":
+        return models(args)
     return serve(args)
+
+
+def models(args: argparse.Namespace) -> int:
+    """The admin client needs httpx (the client extra), which a server-only install lacks."""
+    try:
+        from service.admin_cli import run_models
+    except ModuleNotFoundError as exc:
+        if exc.name != "httpx":
+            raise
+        return fail("crs-service models needs httpx: pip install httpx (the client extra)")
+    return run_models(args)
 
 
 def tiny_model(args: argparse.Namespace) -> int:
