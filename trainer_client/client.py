@@ -250,6 +250,8 @@ class AsyncRewardClient:
         # Versions the client moved on from: a replica still answering one is behind, and no
         # change is reported for it.
         self._left_versions: set[str] = set()
+        # Versions that answered as draining: the replica activated another one since.
+        self._retiring: set[str] = set()
         self._slots = asyncio.Semaphore(max_concurrency)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # Keep-alive for every slot on every replica: round robin would churn connections.
@@ -464,8 +466,12 @@ class AsyncRewardClient:
 
     @property
     def _followed_version(self) -> str | None:
-        """The version later calls are pinned to: the latest one the client changed to."""
-        return self._seen_version if self._left_versions else None
+        """The version later calls are pinned to: the latest one seen, so a replica that has
+        not switched to it yet is skipped, never followed back. Once it answered as draining
+        (its replica activated another), calls go unpinned and follow the new active one."""
+        if self._seen_version in self._retiring:
+            return None
+        return self._seen_version
 
     def _saw_version(self, version: str, *, settled: bool = False) -> None:
         """A call, or an unpinned answer (a baseline upload's), got ``version``: a change,
@@ -531,6 +537,8 @@ class AsyncRewardClient:
             answer = _parse(RewardsAnswer, response, offset)
             _check_count(len(answer.results), len(items), response, offset)
             version = answer.model.version
+            if answer.model.state == "draining":
+                self._retiring.add(version)
             if pin is not None and version != pin:
                 # A service that ignored the pin: as good as a refusal.
                 refusing.add(replica, _other_version(pin, version, response, offset))

@@ -58,6 +58,8 @@ class ModelRef(_Answer):
 
     name: str
     version: str
+    # "draining": another version is active on that replica now (None from older services).
+    state: str | None = None
 
 
 class RewardResult(_Answer):

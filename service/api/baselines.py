@@ -13,7 +13,7 @@ from service.api.auth import require_api_token
 from service.api.deps import ServicesDep, parse_body, take_lease
 from service.api.errors import ServiceError
 from service.api.openapi import json_body
-from service.api.rewards import LeaseScoring
+from service.api.rewards import LeaseScoring, model_ref
 from service.api.schemas import (
     BaselineDeleted,
     BaselineRecord,
@@ -67,7 +67,7 @@ async def put_baselines(body: BaselinesBody, services: ServicesDep) -> Baselines
     if done and not stored:
         raise nothing_stored(results)
     return BaselinesPutResponse(
-        model=ModelRef(name=lease.name, version=lease.version),
+        model=model_ref(lease),
         stored=stored,
         failed=len(done) - stored,
         results=results,

@@ -79,7 +79,17 @@ async def post_rewards(
                 request, contrastive_results(lease, services, body, body.contrastive)
             )
     count_scored(services, results)
-    return RewardsResponse(model=ModelRef(name=lease.name, version=lease.version), results=results)
+    return RewardsResponse(model=model_ref(lease), results=results)
+
+
+def model_ref(lease: Lease) -> ModelRef:
+    """The version that answered, and whether it is still the active one."""
+    state = lease.entry.state
+    return ModelRef(
+        name=lease.name,
+        version=lease.version,
+        state=state if state in ("active", "draining") else None,
+    )
 
 
 async def contrastive_results(

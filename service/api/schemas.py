@@ -150,6 +150,11 @@ class RewardsRequest(StrictBody):
 class ModelRef(BaseModel):
     name: str
     version: str
+    state: Literal["active", "draining"] | None = Field(
+        default=None,
+        description="the version's state when it answered: draining means another version is "
+        "active now (clients pinned to this one move on after the call)",
+    )
 
 
 class RewardResult(BaseModel):

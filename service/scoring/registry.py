@@ -30,8 +30,11 @@ log = logging.getLogger("crs.registry")
 
 ModelState = Literal["loading", "ready", "active", "draining", "failed"]
 Rebaseline = Literal["eager", "lazy"]
-# States whose engine can score: a pinned request is served by any of them.
+# States whose engine holds a model and can score.
 SERVING: tuple[ModelState, ...] = ("active", "draining", "ready")
+# States that serve a request pinned to them: a draining version finishes the calls that began
+# on it (their answers say "draining", so clients move on); a ready one is not served yet.
+PINNABLE: tuple[ModelState, ...] = ("active", "draining")
 # Failed loads kept per name for GET /v1/models (a DELETE forgets one sooner).
 FAILED_KEPT = 8
 # A draining version waits this long past the request timeout for its last request.
@@ -192,6 +195,10 @@ class ModelRegistry:
         self._keep_previous = keep_previous
         self._observer = observer
         self._names: list[str] = []
+        # The names configured at start: readiness waits for these, not for names an admin adds.
+        self._configured: list[str] = []
+        # Per name, the drained version kept as the rollback target (CRS_KEEP_PREVIOUS).
+        self._rollback: dict[str, ModelEntry] = {}
         self._entries: dict[str, dict[str, ModelEntry]] = {}
         self._active: dict[str, ModelEntry] = {}
         self._busy: dict[str, str] = {}
@@ -212,7 +219,7 @@ class ModelRegistry:
     @property
     def ready(self) -> bool:
         """Every configured model is loaded and active."""
-        return self._started and all(name in self._active for name in self._names)
+        return self._started and all(name in self._active for name in self._configured)
 
     @property
     def not_ready_reason(self) -> str:
@@ -269,8 +276,8 @@ class ModelRegistry:
                 raise ModelNotReady(self.not_ready_reason)
             return active
         entry = self._entries[name].get(version)
-        if entry is None or entry.state not in SERVING:
-            loaded = [v for v, e in self._entries[name].items() if e.state in SERVING]
+        if entry is None or entry.state not in PINNABLE:
+            loaded = [v for v, e in self._entries[name].items() if e.state in PINNABLE]
             raise VersionNotLoaded(version, active.version if active else None, loaded)
         return entry
 
@@ -285,6 +292,7 @@ class ModelRegistry:
                 if entry.name in self._names:
                     raise AdminConflict(f"two configured models are named {entry.name!r}")
                 self._names.append(entry.name)
+                self._configured.append(entry.name)
                 self._add(entry)
                 await self._load(entry, full_warm_up=False)
                 self._activate_now(entry)
@@ -491,10 +499,11 @@ class ModelRegistry:
                 entry.status.state = "ready"
                 self._changed()
                 log.info("model version %s drained; kept as the rollback target", entry.version)
-                # Only one version is kept: an older rollback target goes.
-                for other in list(self._entries[entry.name].values()):
-                    if other is not entry and other.state == "ready" and other not in self._tasks:
-                        await self._unload(other)
+                # One rollback target per name: the one kept before goes, unless it is in use.
+                older = self._rollback.get(entry.name)
+                self._rollback[entry.name] = entry
+                if older is not None and older is not entry and older.state == "ready":
+                    await self._unload(older)
             elif entry.state == "draining":
                 await self._unload(entry)
         finally:
@@ -514,6 +523,8 @@ class ModelRegistry:
         versions = self._entries.get(entry.name, {})
         if versions.get(entry.version) is entry:
             del versions[entry.version]
+        if self._rollback.get(entry.name) is entry:
+            del self._rollback[entry.name]
         self._changed()
 
     def _failed(self, entry: ModelEntry, error: str) -> None:

@@ -84,7 +84,9 @@ class Fleet:
             }
             return 409, None, {"error": refusal}
         version = pin if pin in replica.loaded else replica.loaded[0]
-        model = {"name": "rm", "version": version}
+        # The first loaded version is the active one; the others drain, as after a swap.
+        state = "active" if version == replica.loaded[0] else "draining"
+        model = {"name": "rm", "version": version, "state": state}
         items = body.get("items", [])
         if path == "/v1/rewards":
             results = [{"reward": 1.0, "tokens": 1, "truncated": False} for _ in items]
@@ -158,28 +160,51 @@ def test_a_version_lost_in_the_middle_of_a_call_scores_it_again_unpinned() -> No
 
 
 def test_across_calls_the_client_never_goes_back_to_the_old_version() -> None:
+    """A rollout: B has switched (OLD drains there), A has not. Once the client has seen NEW
+    it pins every call to it, and A's refusals send them to B: never back to OLD."""
     calls: list[tuple[str | None, str]] = []
-    fakes = fleet(FakeReplica(A, [OLD]), FakeReplica(B, [NEW]))
+    fakes = fleet(FakeReplica(A, [OLD]), FakeReplica(B, [NEW, OLD]))
     with fakes.client(on_version_change=lambda *c: calls.append(c)) as client:
         # One request per call, so that round robin alternates the replicas call by call.
-        per_call = [versions_of(client.score(ITEMS, contrastive=None)) for _ in range(6)]
+        per_call = [versions_of(client.score(ITEMS, contrastive=None)) for _ in range(8)]
         assert client.seen_model_version == NEW
-    assert per_call == [{OLD}] + [{NEW}] * 5
+    versions = [next(iter(v)) for v in per_call]
+    changed = versions.index(NEW)
+    assert versions == [OLD] * changed + [NEW] * (len(versions) - changed)
     assert calls == [(None, OLD), (OLD, NEW)]
     seen = fakes.rewards_seen()
-    # After the change every call is pinned to NEW; A's refusals are retried on B.
-    assert all(s.pin == NEW for s in seen[2:])
-    assert {s.status for s in seen[2:] if s.replica == A} == {409}
-    assert all(s.version in (None, NEW) for s in seen[1:])
+    after = seen.index(next(s for s in seen if s.version == NEW)) + 1
+    assert all(s.pin == NEW for s in seen[after:])
+    assert {s.status for s in seen[after:] if s.replica == A} <= {409}
+    assert all(s.version in (None, NEW) for s in seen[after:])
+
+
+def test_a_draining_answer_moves_the_client_to_the_new_version_after_the_call() -> None:
+    """One replica swaps: the call pinned to OLD is still served by it (draining), and says
+    so; the next call goes unpinned and follows NEW, so the drain lasts one call."""
+    calls: list[tuple[str | None, str]] = []
+    replica = FakeReplica(A, [OLD])
+    fakes = fleet(replica)
+    with fakes.client(on_version_change=lambda *c: calls.append(c)) as client:
+        client.score(ITEMS, contrastive=None)
+        replica.loaded = [NEW, OLD]  # swapped: OLD drains
+        fakes.seen.clear()
+        during = versions_of(client.score(ITEMS, contrastive=None))
+        after = [versions_of(client.score(ITEMS, contrastive=None)) for _ in range(2)]
+    assert during == {OLD}  # a call that began pinned to OLD ends on it
+    assert after == [{NEW}] * 2
+    assert calls == [(None, OLD), (OLD, NEW)]
+    assert [s.pin for s in fakes.rewards_seen()] == [OLD, None, NEW]
 
 
 def test_a_rollback_everywhere_is_accepted_once() -> None:
     calls: list[tuple[str | None, str]] = []
-    a, b = FakeReplica(A, [OLD]), FakeReplica(B, [NEW])
+    a, b = FakeReplica(A, [OLD]), FakeReplica(B, [OLD])
     fakes = fleet(a, b)
     with fakes.client(on_version_change=lambda *c: calls.append(c)) as client:
         client.score(ITEMS, contrastive=None)
-        client.score(ITEMS, contrastive=None)  # changes to NEW (on B)
+        a.loaded = b.loaded = [NEW]  # swapped everywhere, OLD unloaded
+        client.score(ITEMS, contrastive=None)  # OLD refused everywhere: scored again, NEW
         a.loaded = b.loaded = [OLD]  # NEW rolled back on every replica
         fakes.seen.clear()
         after = [versions_of(client.score(ITEMS, contrastive=None)) for _ in range(3)]
@@ -196,13 +221,16 @@ def test_a_rollback_everywhere_is_accepted_once() -> None:
 
 def test_an_upload_answered_by_a_replica_behind_is_not_a_change() -> None:
     calls: list[tuple[str | None, str]] = []
-    fakes = fleet(FakeReplica(A, [OLD]), FakeReplica(B, [NEW]))
+    a, b = FakeReplica(A, [OLD]), FakeReplica(B, [OLD])
+    fakes = fleet(a, b)
     with fakes.client(on_version_change=lambda *c: calls.append(c)) as client:
         client.score(ITEMS, contrastive=None)
-        client.score(ITEMS, contrastive=None)
+        a.loaded = b.loaded = [NEW]  # swapped everywhere, OLD unloaded
+        client.score(ITEMS, contrastive=None)  # OLD refused everywhere: scored again, NEW
+        a.loaded = [OLD]  # A restarted on the old version: behind
         pushed = [client.push_baselines([{"prompt": "p", "responses": ["a"]}]) for _ in "ab"]
         assert client.seen_model_version == NEW
-    assert [p.model.version for p in pushed if p.model] == [OLD, NEW]  # each says its own
+    assert sorted(p.model.version for p in pushed if p.model) == [NEW, OLD]  # each its own
     assert calls == [(None, OLD), (OLD, NEW)]
 
 
