@@ -41,6 +41,7 @@ class Metrics:
         )
         self._batch_metrics(r)
         self._baseline_metrics(r)
+        self._rebaseline_metrics(r)
 
     def _baseline_metrics(self, r: CollectorRegistry) -> None:
         self.baseline_lookups = Counter(
@@ -81,6 +82,29 @@ class Metrics:
     # ... and this (service.baselines.redis_store.CorruptionObserver).
     def store_corrupt(self, reason: str) -> None:
         self.store_corrupt_values.labels(reason).inc()
+
+    def _rebaseline_metrics(self, r: CollectorRegistry) -> None:
+        # No version label: versions come and go with every swap, outcomes are three.
+        self.rebaseline_prompts_total = Counter(
+            "crs_rebaseline_prompts",
+            "prompts gone through by rebaseline passes (scored, cached_already: that version's "
+            "rewards were cached already, failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.rebaseline_progress_fraction = Gauge(
+            "crs_rebaseline_progress",
+            "fraction of the running rebaseline pass done (1 when none runs)",
+            registry=r,
+        )
+        self.rebaseline_progress_fraction.set(1)
+
+    # Rebaseline passes report through these (service.baselines.rebaseline.RebaselineObserver).
+    def rebaseline_prompts(self, version: str, count: int, outcome: str) -> None:
+        self.rebaseline_prompts_total.labels(outcome).inc(count)
+
+    def rebaseline_progress(self, version: str, fraction: float) -> None:
+        self.rebaseline_progress_fraction.set(fraction)
 
     def _batch_metrics(self, r: CollectorRegistry) -> None:
         self.queue_items = Gauge("crs_queue_items", "items waiting for a batch", registry=r)

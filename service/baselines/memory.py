@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -110,6 +111,15 @@ class MemoryBaselineStore:
     async def counts(self, version: str) -> tuple[int, int]:
         scored = sum(_current(entry, version) is not None for entry in self._entries.values())
         return len(self._entries), scored
+
+    async def prompt_ids(self, cursor: str, count: int) -> tuple[str, list[str]]:
+        # The cursor is the last id given (ids are never empty: the API refuses them), not an
+        # offset: a prompt deleted or added before it during the iteration shifts no other one
+        # out of it. ``nsmallest`` rather than a sort: one page costs O(n log count).
+        if count <= 0:
+            raise ValueError("count must be positive")
+        ids = heapq.nsmallest(count, (pid for pid in self._entries if pid > cursor))
+        return (ids[-1] if len(ids) == count else ""), ids
 
     async def ping(self) -> None:
         return None

@@ -8,7 +8,7 @@ Keys, with the prompt id as hash tag so one prompt's keys share a cluster slot:
   rewards of the responses with that digest under that version;
 - ``crs:{<prompt_id>}:uploads``: a sorted set of the upload ids applied to the prompt (score:
   when, in ms), the last ``UPLOADS_KEPT`` of the last ``UPLOADS_TTL_S``;
-- ``crs:{index}:prompts``: the set of stored prompt ids, for counts.
+- ``crs:{index}:prompts``: the set of stored prompt ids, for counts and the rebaseline pass.
 
 A write of one prompt is one script: the digest check, the upload-id check, the responses, the
 rewards, the upload id and the index entry together, so a prompt is stored wholly or not at all
@@ -355,6 +355,16 @@ class RedisBaselineStore:
                     chunk = []
             prompts, scored = _add(prompts, scored, await self._scored(chunk, version))
         return prompts, scored
+
+    async def prompt_ids(self, cursor: str, count: int) -> tuple[str, list[str]]:
+        # SSCAN: stateless on the server (the cursor is all there is), so a page can be asked
+        # again after a failure, and the index may change meanwhile.
+        async with self._op("scan"):
+            following, ids = await self._client.sscan(
+                PROMPTS_INDEX, cursor=int(cursor or 0), count=count
+            )
+        page = [pid if isinstance(pid, str) else pid.decode() for pid in ids]
+        return ("" if int(following) == 0 else str(following)), page
 
     async def _scored(self, prompt_ids: list[str], version: str) -> tuple[int, int]:
         """Of these indexed prompts: how many are stored, and scored under ``version``."""

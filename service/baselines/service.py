@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from service.baselines.contrastive import BaselineStats
 from service.baselines.memory import MemoryBaselineStore
@@ -48,6 +48,18 @@ UPLOAD_ERRORS: dict[WriteStatus, UploadError] = {
 # Scores (prompt, response) pairs with the active model, through the shared batcher.
 Scorer = Callable[[Sequence[RewardInput]], Awaitable[list[float]]]
 APPEND_ATTEMPTS = 3
+
+
+class ScoringLease(Protocol):
+    """One model version held for a whole task: its version and its scoring come together, so
+    rewards are never scored by one version and cached under another."""
+
+    @property
+    def version(self) -> str: ...
+
+    async def score(self, pairs: Sequence[RewardInput]) -> list[float]:
+        """Raw rewards of (prompt, response) pairs under ``version``, in order."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,6 +118,11 @@ class BaselineStore(Protocol):
     async def counts(self, version: str) -> tuple[int, int]:
         """Stored prompts, and how many of them have rewards cached under ``version``."""
 
+    async def prompt_ids(self, cursor: str, count: int) -> tuple[str, list[str]]:
+        """One page of stored prompt ids (about ``count``; maybe none) and the cursor of the
+        next, "" to start and "" back when done: every prompt stored for the whole iteration
+        comes in some page, and an id may come in more than one."""
+
     async def ping(self) -> None: ...
 
     async def aclose(self) -> None: ...
