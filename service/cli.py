@@ -13,7 +13,6 @@ log = logging.getLogger("crs.cli")
 
 # Command-line flags of `serve` and the settings field each one sets.
 SERVE_FLAGS: dict[str, str] = {
-    "model": "model_path",
     "name": "model_name",
     "host": "host",
     "port": "port",
@@ -29,6 +28,7 @@ SERVE_FLAGS: dict[str, str] = {
     "trust_remote_code": "trust_remote_code",
     "allow_pickle_weights": "allow_pickle_weights",
     "log_level": "log_level",
+    "keep_previous": "keep_previous",
 }
 
 
@@ -86,7 +86,13 @@ def add_models(models: argparse.ArgumentParser) -> None:
 
 def add_serve(serve: argparse.ArgumentParser) -> None:
     """Flags default to None so that CRS_* environment settings apply unless a flag is given."""
-    serve.add_argument("--model", type=Path, help="reward model directory (CRS_MODEL_PATH)")
+    serve.add_argument(
+        "--model",
+        action="append",
+        metavar="[NAME=]DIR",
+        help="reward model directory (CRS_MODEL_PATH); repeat as NAME=DIR to serve several "
+        "named models (CRS_MODELS), the first being the default",
+    )
     serve.add_argument("--name", help="model name in its version (default: directory name)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
@@ -107,6 +113,12 @@ def add_serve(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--allow-pickle-weights", action="store_true", default=None)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--keep-previous",
+        action="store_true",
+        default=None,
+        help="after a swap keep the previous version loaded as the rollback target",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +140,13 @@ def models(args: argparse.Namespace) -> int:
             raise
         return fail("crs-service models needs httpx: pip install httpx (the client extra)")
     return run_models(args)
+
+
+def model_flags(values: list[str]) -> dict[str, object]:
+    """``--model DIR`` (one model) or ``--model NAME=DIR`` repeated (several), as settings."""
+    if len(values) == 1 and "=" not in values[0]:
+        return {"model_path": Path(values[0])}
+    return {"models": values} if values else {}
 
 
 def tiny_model(args: argparse.Namespace) -> int:
@@ -163,6 +182,7 @@ def serve(args: argparse.Namespace) -> int:
     from service.settings import Settings
 
     overrides = {field: getattr(args, flag) for flag, field in SERVE_FLAGS.items()}
+    overrides.update(model_flags(args.model or []))
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
@@ -171,15 +191,18 @@ def serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if settings.model_path is None:
+    specs = settings.model_specs()
+    if any(path is None for _, path in specs):
         return fail("no model: pass --model DIR or set CRS_MODEL_PATH")
     from service.scoring.model import preflight
     from service.scoring.types import ModelLoadError
 
-    try:
-        preflight(settings.model_path, settings)
-    except ModelLoadError as exc:
-        return fail(str(exc))
+    for _, path in specs:
+        assert path is not None
+        try:
+            preflight(path, settings)
+        except ModelLoadError as exc:
+            return fail(str(exc))
     from service.server import run_server
 
     return run_server(settings, access_log=args.access_log)

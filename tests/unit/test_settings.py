@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -90,3 +91,27 @@ def test_tokens_never_appear_in_the_logged_settings(monkeypatch: pytest.MonkeyPa
 def test_default_drain_outlasts_the_request_timeout() -> None:
     settings = Settings()
     assert settings.shutdown_timeout_s > settings.request_timeout_s
+
+
+def test_several_named_models_keep_their_order_and_the_first_is_the_default() -> None:
+    settings = Settings(models="help=/m/help, harm=/m/harm")
+    assert settings.model_specs() == [("help", Path("/m/help")), ("harm", Path("/m/harm"))]
+    assert Settings(model_path="/m/rm", model_name="rm").model_specs() == [("rm", Path("/m/rm"))]
+
+
+@pytest.mark.parametrize(
+    "models",
+    ["help", "=/m/x", "help=", "he lp=/m/x", "a=/m/x,a=/m/y"],
+    ids=["no-dir", "no-name", "empty-dir", "space-in-name", "twice"],
+)
+def test_a_bad_model_list_is_refused_naming_the_rule(models: str) -> None:
+    with pytest.raises(ValidationError, match="NAME=DIR|appears twice"):
+        Settings(models=models)
+
+
+def test_serve_flags_take_one_directory_or_named_ones() -> None:
+    from service.cli import model_flags
+
+    assert model_flags(["/m/rm"]) == {"model_path": Path("/m/rm")}
+    assert model_flags(["a=/m/a", "b=/m/b"]) == {"models": ["a=/m/a", "b=/m/b"]}
+    assert model_flags([]) == {}
