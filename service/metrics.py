@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -39,6 +39,18 @@ class Metrics:
         self.model_info = Gauge(
             "crs_model_info", "the active model (value 1)", ["name", "version"], registry=r
         )
+        self.model_loads = Counter(
+            "crs_model_loads",
+            "model loads finished, by outcome (ready, failed, cancelled)",
+            ["outcome"],
+            registry=r,
+        )
+        self.model_swaps = Counter(
+            "crs_model_swaps", "activations that changed a name's active version", registry=r
+        )
+        self.models_loaded = Gauge(
+            "crs_models_loaded", "model versions held, by state", ["state"], registry=r
+        )
         self._batch_metrics(r)
         self._baseline_metrics(r)
         self._rebaseline_metrics(r)
@@ -72,6 +84,20 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+
+    # The model registry reports through these (service.scoring.registry.RegistryObserver).
+    def models_changed(self, states: Mapping[str, int], active: Sequence[tuple[str, str]]) -> None:
+        for state, count in states.items():
+            self.models_loaded.labels(state).set(count)
+        self.model_info.clear()
+        for name, version in active:
+            self.model_info.labels(name, version).set(1)
+
+    def model_load_finished(self, outcome: str) -> None:
+        self.model_loads.labels(outcome).inc()
+
+    def model_swapped(self) -> None:
+        self.model_swaps.inc()
 
     # The baseline store reports through this (service.baselines.redis_store.StoreObserver).
     def store_op(self, op: str, seconds: float, failed: bool) -> None:

@@ -129,13 +129,13 @@ class BaselineService:
     # --- rewards requests ---------------------------------------------------------------------
 
     async def resolve(
-        self, prompts: Mapping[str, Prompt], version: str, score: Scorer
+        self, prompts: Mapping[str, Prompt], scoring: ScoringLease
     ) -> dict[str, Baseline]:
-        """Each prompt's baseline under ``version``: cached, computed now, missing, or
-        unavailable (the store failed)."""
+        """Each prompt's baseline under the leased version: cached, computed now (with that
+        same version), missing, or unavailable (the store failed)."""
         if not prompts:
             return {}
-        found = await self._lookup(list(prompts), version)
+        found = await self._lookup(list(prompts), scoring.version)
         if found is None:
             return dict.fromkeys(prompts, Baseline("unavailable"))
         baselines = {pid: Baseline("missing") for pid in prompts if pid not in found}
@@ -144,10 +144,7 @@ class BaselineService:
                 baselines[pid] = Baseline("cache", stored.rewards)
         todo = {pid: stored for pid, stored in found.items() if stored.rewards is None}
         computed = await asyncio.gather(
-            *(
-                self._computed(pid, prompts[pid], stored, version, score)
-                for pid, stored in todo.items()
-            )
+            *(self._computed(pid, prompts[pid], stored, scoring) for pid, stored in todo.items())
         )
         baselines.update(zip(todo, computed, strict=True))
         return baselines
@@ -164,18 +161,18 @@ class BaselineService:
             return None
 
     async def _computed(
-        self, prompt_id: str, prompt: Prompt, stored: StoredPrompt, version: str, score: Scorer
+        self, prompt_id: str, prompt: Prompt, stored: StoredPrompt, scoring: ScoringLease
     ) -> Baseline:
         if not stored.responses:
             return Baseline("missing")
-        key = (prompt_id, version, stored.digest)
+        key = (prompt_id, scoring.version, stored.digest)
         task = self._computing.get(key)
         if task is None:
             # Its own task, not the first asker's: a cancelled request cancels only its wait.
             # The stored prompt is the one the responses answer (a /get_reward prompt is the
             # formatted text, which the model's template must not wrap again).
             task = asyncio.create_task(
-                self._compute(prompt_id, stored.prompt or prompt, stored, version, score),
+                self._compute(prompt_id, stored.prompt or prompt, stored, scoring),
                 name=f"baseline {prompt_id}",
             )
             self._computing[key] = task
@@ -183,14 +180,14 @@ class BaselineService:
         return Baseline("computed", await asyncio.shield(task))
 
     async def _compute(
-        self, prompt_id: str, prompt: Prompt, stored: StoredPrompt, version: str, score: Scorer
+        self, prompt_id: str, prompt: Prompt, stored: StoredPrompt, scoring: ScoringLease
     ) -> list[float]:
         """Score a prompt's stored responses and cache them; bounded like a request, so it
         ends even when every request waiting on it went away."""
         assert stored.responses is not None
         async with asyncio.timeout(self._settings.request_timeout_s):
-            rewards = await score(pairs(prompt, stored.responses))
-        await self._cache(prompt_id, stored.digest, version, rewards)
+            rewards = await scoring.score(pairs(prompt, stored.responses))
+        await self._cache(prompt_id, stored.digest, scoring.version, rewards)
         return rewards
 
     def _computation_done(self, key: tuple[str, str, str], task: asyncio.Task[list[float]]) -> None:
@@ -219,22 +216,24 @@ class BaselineService:
         self,
         uploads: Sequence[Upload],
         mode: Literal["replace", "append"],
-        version: str,
-        score: Scorer,
+        scoring: ScoringLease,
     ) -> list[Uploaded]:
         """Score and store each prompt's responses; a store failure marks only its prompts.
         Every write carries an upload id (the client's, else one for this request), so the
         store's own retries never apply a write twice."""
         upload_ids = [u.upload_id or f"crs-{uuid.uuid4().hex}" for u in uploads]
         if mode == "replace":
-            return await self._replace(uploads, upload_ids, version, score)
+            return await self._replace(uploads, upload_ids, scoring)
         appends = zip(uploads, upload_ids, strict=True)
-        return list(await asyncio.gather(*(self._append(u, i, version, score) for u, i in appends)))
+        return list(await asyncio.gather(*(self._append(u, i, scoring) for u, i in appends)))
 
     async def _replace(
-        self, uploads: Sequence[Upload], upload_ids: list[str], version: str, score: Scorer
+        self, uploads: Sequence[Upload], upload_ids: list[str], scoring: ScoringLease
     ) -> list[Uploaded]:
-        rewards = await score([pair for u in uploads for pair in pairs(u.prompt, u.responses)])
+        version = scoring.version
+        rewards = await scoring.score(
+            [pair for u in uploads for pair in pairs(u.prompt, u.responses)]
+        )
         writes, start = [], 0
         for upload, upload_id in zip(uploads, upload_ids, strict=True):
             end = start + len(upload.responses)
@@ -249,12 +248,11 @@ class BaselineService:
             for upload, write, outcome in zip(uploads, writes, outcomes, strict=True)
         ]
 
-    async def _append(
-        self, upload: Upload, upload_id: str, version: str, score: Scorer
-    ) -> Uploaded:
+    async def _append(self, upload: Upload, upload_id: str, scoring: ScoringLease) -> Uploaded:
         """Read, score what is new (and the old responses if this version never scored them),
         write back only if nobody changed the prompt meanwhile and the upload id is new; a few
         tries."""
+        version, score = scoring.version, scoring.score
         new_rewards = await score(pairs(upload.prompt, upload.responses))
         write = upload_write(upload, upload.responses, new_rewards, version, upload_id)
         outcome = WriteOutcome("conflict", CONFLICT)
@@ -279,7 +277,7 @@ class BaselineService:
             )
             [outcome] = await self._write([write], [old.digest if old else ""])
             if outcome.status == "duplicate":
-                return await self._applied_before(upload, write, old, old_rewards, version, score)
+                return await self._applied_before(upload, write, old, old_rewards, scoring)
             if outcome.status != "conflict":
                 return outcome_of(upload, write, outcome)
         return outcome_of(upload, write, WriteOutcome("conflict", CONFLICT))
@@ -290,10 +288,10 @@ class BaselineService:
         write: BaselineWrite,
         old: StoredPrompt | None,
         old_rewards: list[float],
-        version: str,
-        score: Scorer,
+        scoring: ScoringLease,
     ) -> Uploaded:
         """An append whose upload id was applied already: answer with what is stored now."""
+        version, score = scoring.version, scoring.score
         rewards = old_rewards
         try:
             found = await self.store.lookup([upload.prompt_id], version, with_responses=True)
