@@ -129,7 +129,7 @@ def test_good_request_gives_one_result_per_item_in_request_order() -> None:
             response = await post(client, request)
         assert response.status_code == 200, response.text
         assert response.json() == {
-            "model": {"name": FAKE_NAME, "version": FAKE_VERSION},
+            "model": {"name": FAKE_NAME, "version": FAKE_VERSION, "state": "active"},
             "results": [result(1.1, 6), result(0.7, 7), result(2.3, 8)],
         }
         [call] = engine.calls
@@ -222,7 +222,7 @@ def test_empty_items_give_empty_results(request_body: dict[str, Any]) -> None:
             response = await post(client, request_body)
         assert response.status_code == 200, response.text
         assert response.json() == {
-            "model": {"name": FAKE_NAME, "version": FAKE_VERSION},
+            "model": {"name": FAKE_NAME, "version": FAKE_VERSION, "state": "active"},
             "results": [],
         }
         assert engine.items_scored == 0
