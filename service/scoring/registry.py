@@ -330,9 +330,12 @@ class ModelRegistry:
         name = spec.name or self.default_name
         assert name is not None
         with self._claim(name, f"loading {spec.path}") as release:
-            entry = await self._identified(ModelSpec(path=spec.path, name=name))
+            entry = await self._identified(
+                ModelSpec(path=spec.path, name=name, label_index=spec.label_index)
+            )
             if (held := self._entries.get(name, {}).get(entry.version)) is not None:
                 if held.state != "failed":
+                    await entry.engine.astop()  # identified only, but it holds threads
                     raise AdminConflict(f"model version {entry.version} is already {held.state}")
                 self._forget(held)
             if name not in self._names:
@@ -354,13 +357,15 @@ class ModelRegistry:
         previous = self._active.get(entry.name)
         if entry.state == "active":
             return Activation(entry=entry, previous=entry.version, changed=False)
-        with self._claim(entry.name, f"activating {version}"):
+        with self._claim(entry.name, f"activating {version}") as claim:
             if entry.state != "ready":
                 raise AdminConflict(
                     f"model version {version} is {entry.state}; only a ready version can be "
                     "activated"
                 )
-            await asyncio.shield(asyncio.create_task(self._activate(entry, before_activate)))
+            task = asyncio.create_task(self._activate(entry, before_activate))
+            claim.hand_to(task)  # the name stays busy until it ends, caller gone or not
+            await asyncio.shield(task)
         return Activation(
             entry=entry, previous=previous.version if previous else None, changed=True
         )
@@ -578,6 +583,16 @@ class _Claim:
 
     def keep(self) -> None:
         self.kept = True
+
+    def hand_to(self, task: asyncio.Task[Any]) -> None:
+        """Keep the slot until ``task`` ends."""
+        self.keep()
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.release()
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that went away does not read it
 
     def release(self) -> None:
         self._busy.pop(self._name, None)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,15 @@ from fastapi import FastAPI
 from service.app import create_app
 from service.scoring.batcher import DeviceHealth
 from service.scoring.engine import EngineState
-from service.scoring.types import InputTooLong, ModelInfo, Prompt, RewardInput, Score
+from service.scoring.registry import ModelSpec
+from service.scoring.types import (
+    InputTooLong,
+    ModelInfo,
+    ModelLoadError,
+    Prompt,
+    RewardInput,
+    Score,
+)
 from service.settings import Settings, Truncation
 
 FAKE_NAME = "fake-rm"
@@ -175,6 +184,73 @@ class FakeEngine:
         async with asyncio.timeout(timeout):
             while self._state == "loading":
                 await asyncio.sleep(0.001)
+
+
+class UnidentifiableEngine(FakeEngine):
+    """A fake whose directory cannot be a model: ``aidentify`` raises ``ModelLoadError``."""
+
+    def __init__(self, reason: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.reason = reason
+
+    async def aidentify(self) -> ModelInfo:
+        raise ModelLoadError(self.reason)
+
+
+def fake_version(name: str, path: Path) -> str:
+    """The version ``FakeEngines`` gives the model at ``path``: a digest of the path, so each
+    directory is one version."""
+    return f"{name}@{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+
+
+@dataclass(kw_only=True)
+class FakeModel:
+    """How the engines ``FakeEngines`` builds for one directory behave; change it between
+    loads (a fixed model directory loads again)."""
+
+    reward_offset: float = 0.0
+    load_gate: asyncio.Event | None = None
+    score_gate: asyncio.Event | None = None
+    fail_load: str | None = None
+    unidentifiable: str | None = None  # aidentify raises ModelLoadError with this reason
+
+
+@dataclass
+class FakeEngines:
+    """An engine factory for ``create_app(engine_factory=...)`` and ``ModelRegistry``: a new
+    ``FakeEngine`` per version loaded, named by the spec's name (else ``FAKE_NAME``), its
+    version from its path, behaving as ``models[path]`` says. ``built`` keeps every engine
+    made, in order, and ``specs`` what each was built for."""
+
+    models: dict[Path, FakeModel] = field(default_factory=dict)
+    built: list[FakeEngine] = field(default_factory=list)
+    specs: list[ModelSpec] = field(default_factory=list)
+
+    def __call__(self, spec: ModelSpec, *_: object) -> FakeEngine:
+        self.specs.append(spec)
+        path = spec.path or Path("/models/fake-rm")
+        name = spec.name or FAKE_NAME
+        model = self.models.get(path, FakeModel())
+        options: dict[str, Any] = {
+            "name": name,
+            "version": fake_version(name, path),
+            "path": path,
+            "reward_offset": model.reward_offset,
+            "load_gate": model.load_gate,
+            "score_gate": model.score_gate,
+            "fail_load": model.fail_load,
+        }
+        engine = (
+            UnidentifiableEngine(model.unidentifiable, **options)
+            if model.unidentifiable is not None
+            else FakeEngine(**options)
+        )
+        self.built.append(engine)
+        return engine
+
+    def last(self, path: Path) -> FakeEngine:
+        """The engine built last for ``path``."""
+        return [engine for engine in self.built if engine.path == path][-1]
 
 
 @contextlib.asynccontextmanager
