@@ -105,6 +105,10 @@ async def start_engine(services: Services, on_fatal: FatalHandler | None) -> Non
     specs = [ModelSpec(path=path, name=name) for name, path in services.settings.model_specs()]
     try:
         await services.registry.start(specs)
+        # On CUDA, /metrics shows the device memory too: what a hot swap must give back.
+        devices = {e.engine.info.device for e in services.registry.entries() if e.engine.info}
+        if any(device.startswith("cuda") for device in devices):
+            services.metrics.export_cuda_memory()
     except asyncio.CancelledError:
         raise
     except Exception as exc:

@@ -51,6 +51,8 @@ class Metrics:
         self.models_loaded = Gauge(
             "crs_models_loaded", "model versions held, by state", ["state"], registry=r
         )
+        # crs_device_memory_bytes, on CUDA only (export_cuda_memory).
+        self.device_memory: Gauge | None = None
         self._batch_metrics(r)
         self._baseline_metrics(r)
         self._rebaseline_metrics(r)
@@ -191,6 +193,29 @@ class Metrics:
 
     def items_dropped(self, reason: str, count: int) -> None:
         self.items_dropped_total.labels(reason).inc(count)
+
+    def export_cuda_memory(self) -> None:
+        """Export ``crs_device_memory_bytes{kind}``: the bytes torch's CUDA allocator holds in
+        tensors (``allocated``) and in all (``reserved``), summed over the visible devices and
+        read at each scrape, so what a swap fails to give back shows. Only a service whose
+        models run on CUDA calls this (service.app); calling it again does nothing."""
+        if self.device_memory is not None:
+            return
+        import torch
+
+        devices = range(torch.cuda.device_count())
+        self.device_memory = memory = Gauge(
+            "crs_device_memory_bytes",
+            "CUDA memory held by torch's allocator (allocated, reserved)",
+            ["kind"],
+            registry=self.registry,
+        )
+        memory.labels("allocated").set_function(
+            lambda: sum(torch.cuda.memory_allocated(device) for device in devices)
+        )
+        memory.labels("reserved").set_function(
+            lambda: sum(torch.cuda.memory_reserved(device) for device in devices)
+        )
 
     def render(self) -> bytes:
         """The text exposition format."""
