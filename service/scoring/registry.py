@@ -406,15 +406,25 @@ class ModelRegistry:
             raise
         return ModelEntry(name=info.name, version=info.version, path=info.path, engine=engine)
 
-    async def _load(self, entry: ModelEntry, *, full_warm_up: bool) -> None:
+    async def _load(
+        self,
+        entry: ModelEntry,
+        *,
+        full_warm_up: bool,
+        check: Callable[[ModelEntry], Awaitable[None]] | None = None,
+    ) -> None:
         try:
             await entry.engine.astart(full_warm_up=full_warm_up)
+            if check is not None:
+                # Still "loading": a rollout activates a version once it says ready.
+                await check(entry)
         except asyncio.CancelledError:
             await entry.engine.astop()
             self._forget(entry)
             self._load_finished("cancelled")
             raise
         except Exception as exc:
+            await entry.engine.astop()  # a failed load keeps nothing: its memory goes back
             self._failed(entry, str(exc))
             raise
         entry.status.state = "ready"
@@ -432,14 +442,7 @@ class ModelRegistry:
     ) -> None:
         """The background part of a load: load, warm, check, and activate if asked."""
         try:
-            await self._load(entry, full_warm_up=True)
-            if check is not None:
-                try:
-                    await check(entry)
-                except Exception as exc:
-                    await entry.engine.astop()
-                    self._failed(entry, str(exc))
-                    return
+            await self._load(entry, full_warm_up=True, check=check)
             log.info("model version %s loaded from %s", entry.version, entry.path)
             if activate:
                 await self._activate(entry, before_activate)

@@ -231,6 +231,7 @@ def test_a_failed_load_is_listed_with_its_reason_and_may_be_loaded_again() -> No
         failed = await loaded(registry, NEW)
         assert failed.state == "failed"
         assert failed.status.error == "CUDA out of memory"
+        assert factory.last(NEW).stops == 1  # whatever it loaded went back
         assert await reward_of(registry) == pytest.approx(0.4)
         assert recorder.loads[-1] == "failed"
         # Fixed on disk, the same directory loads again: the failed entry is replaced.
