@@ -203,6 +203,7 @@ class ModelRegistry:
         self._active: dict[str, ModelEntry] = {}
         self._busy: dict[str, str] = {}
         self._tasks: dict[ModelEntry, asyncio.Task[None]] = {}
+        self._activations: set[asyncio.Task[None]] = set()
         self._started = False
         self._start_error: str | None = None
 
@@ -302,10 +303,11 @@ class ModelRegistry:
         self._started = True
 
     async def astop(self) -> None:
-        """Cancel loads and drains, and release every engine."""
-        for task in list(self._tasks.values()):
+        """Cancel loads, activations and drains, and release every engine."""
+        tasks = [*self._tasks.values(), *self._activations]
+        for task in tasks:
             task.cancel()
-        for task in list(self._tasks.values()):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         for entry in self.entries():
@@ -364,6 +366,8 @@ class ModelRegistry:
                     "activated"
                 )
             task = asyncio.create_task(self._activate(entry, before_activate))
+            self._activations.add(task)  # cancelled by astop (a rebaseline can be long)
+            task.add_done_callback(self._activations.discard)
             claim.hand_to(task)  # the name stays busy until it ends, caller gone or not
             await asyncio.shield(task)
         return Activation(

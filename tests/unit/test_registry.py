@@ -590,6 +590,33 @@ def test_stop_cancels_loads_and_stops_every_engine() -> None:
     run(body())
 
 
+def test_stop_cancels_an_activation_waiting_on_its_rebaseline() -> None:
+    async def body() -> None:
+        factory = engines()
+        registry, _ = await started(factory)
+        new = await loaded(registry, NEW)
+        entered, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def endless_rebaseline(entry: ModelEntry) -> None:
+            entered.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        caller = asyncio.create_task(registry.activate(new.version, endless_rebaseline))
+        await entered.wait()
+        async with asyncio.timeout(5):  # a bound, not a pause: stop must not wait on the pass
+            await registry.astop()
+        assert cancelled.is_set()
+        assert [engine.stops for engine in factory.built] == [1, 1]
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+
+    run(body())
+
+
 def test_observer_sees_states_loads_and_swaps() -> None:
     async def body() -> None:
         factory = engines()
