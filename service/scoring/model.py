@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -92,13 +93,21 @@ class WorkerPlan:
     threads_each: int | None
 
 
+@functools.cache
+def cpu_threads() -> int:
+    """torch's intra-op thread count as the process had it before any device thread took its
+    share: a device thread's ``torch.set_num_threads`` becomes what threads started later read,
+    so reading it at each load would halve a hot-swapped version's threads at every swap."""
+    return torch.get_num_threads()
+
+
 def plan_workers(requested: int | None, device: torch.device) -> WorkerPlan:
     """A GPU gets one device thread. A CPU gets two by default, each with half the cores: one
     forward's Python-side gaps and thread barriers leave cores idle that the other fills (on 2
     cores, two single-threaded forwards side by side score 15-20% more than one with both)."""
     if device.type != "cpu":
         return WorkerPlan(workers=requested or 1, threads_each=None)
-    cores = torch.get_num_threads()
+    cores = cpu_threads()
     workers = requested or min(2, cores)
     return WorkerPlan(workers=workers, threads_each=max(1, cores // workers))
 

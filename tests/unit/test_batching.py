@@ -8,6 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from service.scoring import model
 from service.scoring.model import WorkerPlan, plan_batches, plan_workers
 
 lengths_st = st.lists(st.integers(min_value=1, max_value=600), max_size=200)
@@ -53,8 +54,27 @@ def test_similar_lengths_share_a_batch() -> None:
 def test_a_cpu_shares_its_cores_among_device_threads(
     monkeypatch: pytest.MonkeyPatch, cores: int, requested: int | None, plan: WorkerPlan
 ) -> None:
-    monkeypatch.setattr(torch, "get_num_threads", lambda: cores)
+    monkeypatch.setattr(model, "cpu_threads", lambda: cores)
     assert plan_workers(requested, torch.device("cpu")) == plan
+
+
+def test_the_cores_shared_are_those_before_any_device_thread_took_its_share() -> None:
+    """A device thread's torch.set_num_threads is what threads started later read: a version
+    loaded after a swap must still plan with the machine's cores, not one thread's share."""
+    import threading
+
+    cores = model.cpu_threads()
+    share = threading.Thread(target=torch.set_num_threads, args=(1,))
+    share.start()
+    share.join()
+    try:
+        seen: list[int] = []
+        later = threading.Thread(target=lambda: seen.append(model.cpu_threads()))
+        later.start()
+        later.join()
+        assert seen == [cores]
+    finally:
+        torch.set_num_threads(cores)
 
 
 @pytest.mark.parametrize(("requested", "workers"), [(None, 1), (2, 2)])
