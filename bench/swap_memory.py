@@ -222,7 +222,9 @@ def serving(model: Path, args: argparse.Namespace) -> Iterator[ServiceProcess]:
     flags = ["--device", args.device, "--max-batch-tokens", str(args.max_batch_tokens)]
     # Info level: the registry's "unloaded" line is how the bench knows memory was released.
     flags += ["--log-level", "info", "--name", MODEL_NAME]
-    with ServiceProcess(model, args=flags, env={"CRS_ADMIN_TOKEN": ADMIN_TOKEN}) as server:
+    # No linger after a swap: nothing else calls this service, and the cycle waits for the unload.
+    env = {"CRS_ADMIN_TOKEN": ADMIN_TOKEN, "CRS_DRAIN_IDLE_S": "0"}
+    with ServiceProcess(model, args=flags, env=env) as server:
         server.wait_ready(args.timeout)
         yield server
 

@@ -57,6 +57,7 @@ def create_app(
     registry = ModelRegistry(
         lambda spec: engine_factory(spec, settings, metrics),
         drain_timeout_s=settings.request_timeout_s + DRAIN_GRACE_S,
+        drain_idle_s=settings.drain_idle_s,
         keep_previous=settings.keep_previous,
         observer=metrics,
     )

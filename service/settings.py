@@ -49,6 +49,12 @@ class Settings(BaseSettings):
         default=False,
         description="after a swap keep the previous version loaded (ready) as the rollback target",
     )
+    drain_idle_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="after a swap the previous version is unloaded once no request has used it "
+        "this long (the rest of a call pinned to it still finds it)",
+    )
     golden_tolerance: float = Field(
         default=1e-3,
         ge=0,

@@ -63,10 +63,19 @@ class EntryStatus:
     state: ModelState = "loading"
     error: str | None = None
     in_flight: int = 0
+    # When the last lease ended (monotonic): a draining version lingers after it.
+    last_released: float = 0.0
     loaded_at: float | None = None
     activated_at: float | None = None
     rebaseline: Reporting | None = None
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    idle: asyncio.Event = field(default_factory=lambda: _event(is_set=True))
+
+
+def _event(*, is_set: bool) -> asyncio.Event:
+    event = asyncio.Event()
+    if is_set:
+        event.set()
+    return event
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -101,6 +110,7 @@ class Lease:
     def __exit__(self, *_: object) -> None:
         status = self.entry.status
         status.in_flight -= 1
+        status.last_released = time.monotonic()
         if status.in_flight == 0:
             status.idle.set()
 
@@ -187,11 +197,13 @@ class ModelRegistry:
         factory: EngineFactory,
         *,
         drain_timeout_s: float,
+        drain_idle_s: float = 0.0,
         keep_previous: bool = False,
         observer: RegistryObserver | None = None,
     ) -> None:
         self._factory = factory
         self._drain_timeout_s = drain_timeout_s
+        self._drain_idle_s = drain_idle_s
         self._keep_previous = keep_previous
         self._observer = observer
         self._names: list[str] = []
@@ -496,17 +508,16 @@ class ModelRegistry:
     async def _drain(self, entry: ModelEntry) -> None:
         """Wait for the requests that hold ``entry``, then unload it (or keep it ready)."""
         try:
-            if entry.status.in_flight:
-                try:
-                    async with asyncio.timeout(self._drain_timeout_s):
-                        await entry.status.idle.wait()
-                except TimeoutError:
-                    log.warning(
-                        "model version %s: %d requests still in flight after %.0f s; unloading",
-                        entry.version,
-                        entry.status.in_flight,
-                        self._drain_timeout_s,
-                    )
+            try:
+                async with asyncio.timeout(self._drain_timeout_s):
+                    await self._idle_for(entry, self._drain_idle_s)
+            except TimeoutError:
+                log.warning(
+                    "model version %s: %d requests still in flight after %.0f s; unloading",
+                    entry.version,
+                    entry.status.in_flight,
+                    self._drain_timeout_s,
+                )
             if self._keep_previous and self._active.get(entry.name) is not entry:
                 entry.status.state = "ready"
                 self._changed()
@@ -521,6 +532,18 @@ class ModelRegistry:
         finally:
             if self._tasks.get(entry) is asyncio.current_task():
                 del self._tasks[entry]
+
+    @staticmethod
+    async def _idle_for(entry: ModelEntry, linger_s: float) -> None:
+        """Return once no request has held ``entry`` for ``linger_s``: the later chunks of a
+        call pinned to it (sent the moment its first chunk is answered) still find it."""
+        status = entry.status
+        while True:
+            await status.idle.wait()
+            left = status.last_released + linger_s - time.monotonic()
+            if left <= 0 and status.in_flight == 0:
+                return
+            await asyncio.sleep(max(left, 0.0))
 
     async def _unload(self, entry: ModelEntry) -> None:
         self._forget(entry)

@@ -52,7 +52,13 @@ def engines() -> FakeEngines:
 
 def make_app(factory: FakeEngines, **settings: Any) -> FastAPI:
     """An app serving OLD as ``rm``, with the admin plane on unless told otherwise."""
-    options: dict[str, Any] = {"model_path": OLD, "model_name": NAME, "admin_token": ADMIN}
+    # No linger after a swap unless a test asks: its drains end when its last request does.
+    options: dict[str, Any] = {
+        "model_path": OLD,
+        "model_name": NAME,
+        "admin_token": ADMIN,
+        "drain_idle_s": 0.0,
+    }
     return create_app(Settings(**{**options, **settings}), engine_factory=factory)
 
 
@@ -901,7 +907,9 @@ def two_models() -> FakeEngines:
 
 
 def two_models_app(factory: FakeEngines) -> FastAPI:
-    settings = Settings(models=[f"help={HELP}", f"harm={HARM}"], admin_token=ADMIN)
+    settings = Settings(
+        models=[f"help={HELP}", f"harm={HARM}"], admin_token=ADMIN, drain_idle_s=0.0
+    )
     return create_app(settings, engine_factory=factory)
 
 

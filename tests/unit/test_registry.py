@@ -70,12 +70,20 @@ def engines() -> FakeEngines:
 
 
 async def started(
-    factory: FakeEngines, *, drain_timeout_s: float = 30.0, keep_previous: bool = False
+    factory: FakeEngines,
+    *,
+    drain_timeout_s: float = 30.0,
+    drain_idle_s: float = 0.0,
+    keep_previous: bool = False,
 ) -> tuple[ModelRegistry, Recorder]:
     """A registry serving OLD as ``rm``."""
     recorder = Recorder()
     registry = ModelRegistry(
-        factory, drain_timeout_s=drain_timeout_s, keep_previous=keep_previous, observer=recorder
+        factory,
+        drain_timeout_s=drain_timeout_s,
+        drain_idle_s=drain_idle_s,
+        keep_previous=keep_previous,
+        observer=recorder,
     )
     await registry.start([ModelSpec(path=OLD, name=NAME)])
     return registry, recorder
@@ -400,6 +408,42 @@ def test_a_lease_taken_before_a_swap_finishes_on_the_old_version_which_then_unlo
         with pytest.raises(VersionNotLoaded) as refused:
             registry.lease(NAME, version(OLD))
         assert refused.value.active == version(NEW)
+
+    run(body())
+
+
+def test_a_drained_version_lingers_for_the_rest_of_a_call_pinned_to_it() -> None:
+    """The last request on the old version ended; the next chunk of its call, pinned to it,
+    comes a moment later and is still served (the linger is far longer than the test)."""
+
+    async def body() -> None:
+        factory = engines()
+        registry, _ = await started(factory, drain_idle_s=60.0)
+        old = registry.active()
+        assert old is not None
+        new = await loaded(registry, NEW)
+        with registry.lease():  # the first chunk, answered before the swap ends
+            await registry.activate(new.version, None)
+        await settle()
+        assert old.state == "draining"
+        assert await reward_of(registry, version(OLD)) == pytest.approx(0.4)
+        await settle()
+        assert (old.state, factory.last(OLD).stops) == ("draining", 0)
+        await registry.astop()
+
+    run(body())
+
+
+def test_a_drained_version_is_unloaded_once_unused_for_the_linger() -> None:
+    async def body() -> None:
+        factory = engines()
+        registry, _ = await started(factory, drain_idle_s=0.05)
+        new = await loaded(registry, NEW)
+        with registry.lease():
+            await registry.activate(new.version, None)
+        assert await reward_of(registry, version(OLD)) == pytest.approx(0.4)
+        await until(lambda: factory.last(OLD).stops == 1)
+        assert [e.version for e in registry.entries()] == [version(NEW)]
 
     run(body())
 
