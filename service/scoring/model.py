@@ -256,7 +256,8 @@ def check_labels(num_labels: int, label_index: int | None) -> int:
         if num_labels != 1:
             raise ModelLoadError(
                 f"the model has num_labels={num_labels}; a reward model has one output. "
-                "Pick the reward logit with --label-index (CRS_LABEL_INDEX)"
+                "Pick the reward logit with --label-index (CRS_LABEL_INDEX; label_index when "
+                "loaded through POST /admin/models)"
             )
         return 0
     if label_index >= num_labels:
