@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from throughput import SHAPED_VOCAB, SHAPES, machine_info
+from throughput import SHAPES, build_shaped_model, machine_info
 
 from trainer_client.launch import ServiceProcess
 
@@ -141,38 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_model(out_dir: Path, shape: str, device: str, seed: int) -> Path:
     """A llama of ``shape`` with random bf16 weights and the tiny llama's tokenizer, saved like
     any checkpoint (built on ``device``: an 8B model made on a CPU would take minutes)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-
     from service.scoring.tiny import build_tiny_model
 
     log.info("building a random-weight %s reward model", shape)
     tokenizer_dir = build_tiny_model(out_dir.parent / "tiny-llama", "llama", seed=seed)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=SHAPED_VOCAB,
-        **MODEL_SHAPES[shape],
-        max_position_embeddings=4096,
-        id2label={0: "reward"},
-        label2id={"reward": 0},
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    previous = torch.get_default_dtype()
-    torch.manual_seed(seed)
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlamaForSequenceClassification(config)  # type: ignore[no-untyped-call]
-    finally:
-        torch.set_default_dtype(previous)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return out_dir
+    return build_shaped_model(out_dir, shape, tokenizer_dir, device, seed, shapes=MODEL_SHAPES)
 
 
 def twin(model: Path, out_dir: Path) -> Path:

@@ -366,16 +366,21 @@ def build_model(tmp: Path, shape: str, device: str, seed: int) -> Path:
 
 
 def build_shaped_model(
-    out_dir: Path, shape: str, tokenizer_dir: Path, device: str, seed: int
+    out_dir: Path,
+    shape: str,
+    tokenizer_dir: Path,
+    device: str,
+    seed: int,
+    shapes: dict[str, dict[str, Any]] = SHAPES,
 ) -> Path:
-    """A Llama of ``shape`` with random bf16 weights and the tiny llama's tokenizer."""
+    """A Llama of ``shapes[shape]`` with random bf16 weights and the tiny llama's tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
         vocab_size=SHAPED_VOCAB,
-        **SHAPES[shape],
+        **shapes[shape],
         max_position_embeddings=4096,
         id2label={0: "reward"},
         label2id={"reward": 0},
