@@ -207,3 +207,32 @@ def test_normalisation_without_a_usable_std_is_refused(tiny_bert: Path, tmp_path
     broken = with_config(tiny_bert, tmp_path / "m", normalize_reward=True, mean=0.0, std=0.0)
     with pytest.raises(ModelLoadError, match="std must be positive"):
         load_reward_model(broken, Settings())
+
+
+def test_a_full_size_warm_up_batch_fills_the_token_budget(tiny_llama: Path) -> None:
+    from service.scoring.engine import check_full_batch, full_batch
+
+    model = load_reward_model(tiny_llama, Settings(max_input_tokens=100))
+    batch = full_batch(model, max_batch_tokens=1000)
+    assert [item.length for item in batch] == [100] * 10
+    check_full_batch(model, 1000)  # a model that fits passes
+
+
+def test_a_model_whose_full_size_batch_fails_is_refused_with_what_to_change(
+    tiny_llama: Path,
+) -> None:
+    """An out-of-memory on the warm-up's full batch fails the load (a hot swap keeps the old
+    version) instead of the first big request."""
+    import dataclasses
+
+    from service.scoring.engine import check_full_batch
+    from service.scoring.model import RewardModel
+
+    class OutOfMemory(RewardModel):
+        def forward(self, batch: Any) -> list[float]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model = load_reward_model(tiny_llama, Settings())
+    fields = {field.name: getattr(model, field.name) for field in dataclasses.fields(model)}
+    with pytest.raises(ModelLoadError, match=r"full-size batch .*lower CRS_MAX_BATCH_TOKENS"):
+        check_full_batch(OutOfMemory(**fields), 2048)
