@@ -13,7 +13,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -45,8 +45,6 @@ UPLOAD_ERRORS: dict[WriteStatus, UploadError] = {
     "conflict": "conflict",
     "corrupt": "corrupt_entry",
 }
-# Scores (prompt, response) pairs with the active model, through the shared batcher.
-Scorer = Callable[[Sequence[RewardInput]], Awaitable[list[float]]]
 APPEND_ATTEMPTS = 3
 
 
