@@ -546,8 +546,14 @@ class ModelRegistry:
             await asyncio.sleep(max(left, 0.0))
 
     async def _unload(self, entry: ModelEntry) -> None:
+        """Forget the version, then release its engine. A release that fails is logged: the
+        version is gone either way, and a drain task must not end on an unseen exception."""
         self._forget(entry)
-        await entry.engine.astop()
+        try:
+            await entry.engine.astop()
+        except Exception:
+            log.exception("model version %s: releasing its engine failed", entry.version)
+            return
         log.info("model version %s unloaded", entry.version)
 
     def _add(self, entry: ModelEntry) -> None:

@@ -448,6 +448,27 @@ def test_a_drained_version_is_unloaded_once_unused_for_the_linger() -> None:
     run(body())
 
 
+def test_a_drained_version_whose_release_fails_is_gone_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def body() -> None:
+        factory = engines()
+        registry, _ = await started(factory)
+        old_engine = factory.last(OLD)
+
+        async def broken_stop() -> None:
+            raise RuntimeError("device lost")
+
+        old_engine.astop = broken_stop  # type: ignore[method-assign]
+        new = await loaded(registry, NEW)
+        await registry.activate(new.version, None)
+        await until(lambda: [e.version for e in registry.entries()] == [version(NEW)])
+        await until(lambda: "releasing its engine failed" in caplog.text)
+        assert await reward_of(registry) == pytest.approx(10.4)
+
+    run(body())
+
+
 def test_a_drain_that_outlasts_its_timeout_unloads_anyway() -> None:
     async def body() -> None:
         factory = engines()
