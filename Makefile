@@ -21,7 +21,7 @@ BATCHER_TESTS := tests/unit/test_batcher.py tests/unit/test_batcher_faults.py
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[server,client,dev]"
+	$(BIN)/python -m pip install -q -e ".[server,client,train,dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -33,9 +33,9 @@ from urllib.parse import quote
 
 import httpx
 
+from trainer_client.client.replicas import base_url
+from trainer_client.client.retry import RetryPolicy, parse_retry_after
 from trainer_client.progress import ProgressBar
-from trainer_client.replicas import base_url
-from trainer_client.retry import RetryPolicy, parse_retry_after
 
 # 0 done, 1 a replica failed (or could not be reached), 2 the command was unusable as given.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

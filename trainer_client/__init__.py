@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Any
 from trainer_client.prompt_id import canonical_prompt, prompt_id
 
 if TYPE_CHECKING:
-    from trainer_client.client import (
+    from trainer_client.client.retry import RetryPolicy
+    from trainer_client.client.reward_client import (
         AsyncRewardClient,
         EndpointNotFound,
         RewardClient,
         RewardServiceError,
     )
-    from trainer_client.retry import RetryPolicy
-    from trainer_client.wire import (
+    from trainer_client.client.wire import (
         BaselineItem,
         BaselinesPushResult,
         BaselineStored,
@@ -32,19 +32,19 @@ if TYPE_CHECKING:
 
 # Public name -> the module that defines it, imported when the name is first looked up.
 _LAZY = {
-    "AsyncRewardClient": "trainer_client.client",
-    "RewardClient": "trainer_client.client",
-    "RewardServiceError": "trainer_client.client",
-    "EndpointNotFound": "trainer_client.client",
-    "RetryPolicy": "trainer_client.retry",
-    "BaselineItem": "trainer_client.wire",
-    "BaselineStored": "trainer_client.wire",
-    "BaselinesPushResult": "trainer_client.wire",
-    "Item": "trainer_client.wire",
-    "ModelInfo": "trainer_client.wire",
-    "ModelRef": "trainer_client.wire",
-    "ModelsInfo": "trainer_client.wire",
-    "RewardResult": "trainer_client.wire",
+    "AsyncRewardClient": "trainer_client.client.reward_client",
+    "RewardClient": "trainer_client.client.reward_client",
+    "RewardServiceError": "trainer_client.client.reward_client",
+    "EndpointNotFound": "trainer_client.client.reward_client",
+    "RetryPolicy": "trainer_client.client.retry",
+    "BaselineItem": "trainer_client.client.wire",
+    "BaselineStored": "trainer_client.client.wire",
+    "BaselinesPushResult": "trainer_client.client.wire",
+    "Item": "trainer_client.client.wire",
+    "ModelInfo": "trainer_client.client.wire",
+    "ModelRef": "trainer_client.client.wire",
+    "ModelsInfo": "trainer_client.client.wire",
+    "RewardResult": "trainer_client.client.wire",
 }
 
 __all__ = [

@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_sample(args: argparse.Namespace) -> int:
     """`crs-trainer sample-baselines`."""
     # Imported here so that `crs-trainer --help` does not pay for the sampling stack.
-    from trainer_client.records import RecordError
-    from trainer_client.sampling import PolicyError, SamplingConfig, sample_baselines
+    from trainer_client.baselines.records import RecordError
+    from trainer_client.baselines.sampling import PolicyError, SamplingConfig, sample_baselines
 
     for path, what in ((args.policy, "--policy"), (args.prompts, "--prompts")):
         if not path.exists():
@@ -142,9 +142,9 @@ def run_push(args: argparse.Namespace) -> int:
     """`crs-trainer push-baselines`."""
     import httpx
 
-    from trainer_client.push import PushOptions, failure_report, push_baselines
-    from trainer_client.records import RecordError
-    from trainer_client.retry import RetryPolicy
+    from trainer_client.baselines.push import PushOptions, failure_report, push_baselines
+    from trainer_client.baselines.records import RecordError
+    from trainer_client.client.retry import RetryPolicy
 
     if not args.file.is_file():
         return _usage(f"{args.file} is not a file")

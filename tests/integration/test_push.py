@@ -30,11 +30,11 @@ from service.api.schemas import (
     BaselineStored,
     ModelRef,
 )
+from trainer_client.baselines.push import PushOptions, PushSummary, failure_report, push_baselines
 from trainer_client.cli import main
+from trainer_client.client.retry import RetryPolicy
 from trainer_client.launch import free_port
 from trainer_client.prompt_id import prompt_id
-from trainer_client.push import PushOptions, PushSummary, failure_report, push_baselines
-from trainer_client.retry import RetryPolicy
 
 # Retries in tests wait milliseconds, except where a Retry-After says otherwise.
 FAST_RETRY = RetryPolicy(retries=4, base_s=0.01, max_s=0.02)

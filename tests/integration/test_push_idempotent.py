@@ -20,8 +20,8 @@ from tests.integration.test_push import (
     FakeService,
 )
 from trainer_client import RewardClient
-from trainer_client.push import PushOptions, PushSummary, failure_report, push_baselines
-from trainer_client.retry import RetryPolicy
+from trainer_client.baselines.push import PushOptions, PushSummary, failure_report, push_baselines
+from trainer_client.client.retry import RetryPolicy
 
 STORED_ONCE = {pid: r["responses"] for pid, r in zip(IDS, RECORDS, strict=True)}
 PRINTABLE = set(string.printable) - set(string.whitespace) | {" "}

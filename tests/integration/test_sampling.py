@@ -12,9 +12,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.models import save_tiny_policy
+from trainer_client.baselines.sampling import prompt_text
 from trainer_client.cli import main
 from trainer_client.prompt_id import prompt_id
-from trainer_client.sampling import prompt_text
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -230,7 +230,7 @@ def test_a_directory_without_a_model_is_a_usage_error(
 
 
 @pytest.mark.parametrize(
-    "module", ["trainer_client", "trainer_client.sampling", "trainer_client.cli"]
+    "module", ["trainer_client", "trainer_client.baselines.sampling", "trainer_client.cli"]
 )
 def test_importing_does_not_import_torch(module: str) -> None:
     code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch imported'"

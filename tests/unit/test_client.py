@@ -12,7 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from trainer_client.client import (
+from trainer_client.client.replicas import Replicas, replica_down
+from trainer_client.client.retry import RetryPolicy
+from trainer_client.client.reward_client import (
     AsyncRewardClient,
     RewardClient,
     RewardServiceError,
@@ -22,9 +24,7 @@ from trainer_client.client import (
     _unique_prompt_ids,
     _with_upload_ids,
 )
-from trainer_client.replicas import Replicas, replica_down
-from trainer_client.retry import RetryPolicy
-from trainer_client.wire import BaselineItem, Item, ModelsInfo
+from trainer_client.client.wire import BaselineItem, Item, ModelsInfo
 
 A, B, C = "http://a:1", "http://b:2", "http://c:3"
 
@@ -279,7 +279,7 @@ def test_importing_the_client_imports_neither_torch_nor_the_service() -> None:
         "import trainer_client\n"
         "assert 'httpx' not in sys.modules, 'the client is imported on first use only'\n"
         "from trainer_client import RewardClient, AsyncRewardClient, RewardResult\n"
-        "import trainer_client.client\n"
+        "import trainer_client.client.reward_client\n"
         "leaked = {'torch', 'service', 'transformers'} & set(sys.modules)\n"
         "assert not leaked, leaked\n"
     )

@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from trainer_client.client import RewardClient, RewardServiceError, _refuses_version
+from trainer_client.client.retry import RetryPolicy
+from trainer_client.client.reward_client import RewardClient, RewardServiceError, _refuses_version
 from trainer_client.prompt_id import prompt_id
-from trainer_client.retry import RetryPolicy
 
 OLD, NEW = "rm@old", "rm@new"
 A, B = "http://rm-a:8000", "http://rm-b:8000"

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from trainer_client.retry import RetryPolicy, parse_retry_after
+from trainer_client.client.retry import RetryPolicy, parse_retry_after
 
 policies = st.builds(
     lambda base, factor, retries: RetryPolicy(retries=retries, base_s=base, max_s=base * factor),

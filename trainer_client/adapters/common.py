@@ -9,8 +9,8 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Literal
 
-from trainer_client.client import AsyncRewardClient, RewardServiceError
-from trainer_client.wire import Prompt, RewardResult
+from trainer_client.client.reward_client import AsyncRewardClient, RewardServiceError
+from trainer_client.client.wire import Prompt, RewardResult
 
 Use = Literal["contrastive", "raw"]
 Normalize = Literal["none", "std"]

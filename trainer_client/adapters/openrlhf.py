@@ -25,7 +25,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from trainer_client.client import RewardClient
+from trainer_client.client.reward_client import RewardClient
 
 log = logging.getLogger("crs.adapters.openrlhf")
 _clients: dict[tuple[str, ...], RewardClient] = {}

@@ -41,8 +41,8 @@ from trainer_client.adapters.common import (
     optional_id,
     text_of,
 )
-from trainer_client.client import AsyncRewardClient, RewardServiceError, Truncation
-from trainer_client.wire import Item, RewardResult
+from trainer_client.client.reward_client import AsyncRewardClient, RewardServiceError, Truncation
+from trainer_client.client.wire import Item, RewardResult
 
 log = logging.getLogger("crs.adapters.trl")
 

@@ -52,8 +52,8 @@ from trainer_client.adapters.common import (
     is_unavailable,
     optional_id,
 )
-from trainer_client.client import AsyncRewardClient, RewardClient, Truncation
-from trainer_client.wire import Item, RewardResult
+from trainer_client.client.reward_client import AsyncRewardClient, RewardClient, Truncation
+from trainer_client.client.wire import Item, RewardResult
 
 URL_ENV = "CRS_URL"
 TOKEN_ENV = "CRS_API_TOKEN"

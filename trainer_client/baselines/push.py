@@ -26,11 +26,11 @@ from typing import Any, Literal
 
 import httpx
 
-from trainer_client.client import RewardClient, RewardServiceError
+from trainer_client.baselines.records import BaselineRecord, iter_baseline_file
+from trainer_client.client.replicas import Replicas
+from trainer_client.client.retry import RetryPolicy
+from trainer_client.client.reward_client import RewardClient, RewardServiceError
 from trainer_client.progress import ProgressBar
-from trainer_client.records import BaselineRecord, iter_baseline_file
-from trainer_client.replicas import Replicas
-from trainer_client.retry import RetryPolicy
 
 log = logging.getLogger("crs.push")
 

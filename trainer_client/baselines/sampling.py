@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
+from trainer_client.baselines.records import PromptLine, PromptValue, RecordError, read_prompt_file
 from trainer_client.progress import ProgressBar
-from trainer_client.records import PromptLine, PromptValue, RecordError, read_prompt_file
 
 if TYPE_CHECKING:
     import torch

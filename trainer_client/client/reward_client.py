@@ -37,10 +37,9 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from trainer_client.prompt_id import prompt_id
-from trainer_client.replicas import REPLICA_DOWN_STATUSES, Replicas, replica_down
-from trainer_client.retry import RetryPolicy, parse_retry_after
-from trainer_client.wire import (
+from trainer_client.client.replicas import REPLICA_DOWN_STATUSES, Replicas, replica_down
+from trainer_client.client.retry import RetryPolicy, parse_retry_after
+from trainer_client.client.wire import (
     BaselineItem,
     BaselinesPushResult,
     BaselinesPutAnswer,
@@ -51,6 +50,7 @@ from trainer_client.wire import (
     RewardResult,
     RewardsAnswer,
 )
+from trainer_client.prompt_id import prompt_id
 
 log = logging.getLogger("crs.client")
 
