@@ -8,6 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from trainer_client.ppo.cli import add_train_parser, run_train
+from trainer_client.repro.cli import add_reproduce_parser, run_reproduce
+
 # Exit codes: 0 done, 1 the work failed (some prompts not stored), 2 the command was unusable
 # as given (missing file, bad URL, bad input line); argparse itself also exits 2.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -16,8 +19,18 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crs-trainer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser("demo", help="serve a tiny reward model and score a few pairs")
+    demo = commands.add_parser(
+        "demo",
+        help="the method in small: PPO with contrastive and with raw rewards from crs",
+        description="Build (or reuse) a gold-reward task's SFT policy and a noisy proxy RM, "
+        "serve it with crs, push SFT baselines, train PPO a few iterations with contrastive and "
+        "with raw rewards, and print the gold reward and win rate of each.",
+    )
     demo.add_argument("--workdir", type=Path, default=Path(".crs/demo"))
+    demo.add_argument("--iterations", type=int, default=12, help="PPO iterations per arm")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_train_parser(commands)
+    add_reproduce_parser(commands)
     _add_sample_parser(commands)
     _add_push_parser(commands)
     _add_tiny_policy_parser(commands)
@@ -104,9 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         return run_push(args)
     if args.command == "tiny-policy":
         return run_tiny_policy(args)
+    if args.command == "train":
+        return run_train(args)
+    if args.command == "reproduce":
+        return run_reproduce(args, argv if argv is not None else sys.argv[1:])
+    if args.iterations < 1:
+        return _usage(f"--iterations must be >= 1, got {args.iterations}")
     from trainer_client.demo import run_demo
 
-    return run_demo(args.workdir)
+    return run_demo(args.workdir, iterations=args.iterations, quiet=args.quiet)
 
 
 def run_sample(args: argparse.Namespace) -> int:

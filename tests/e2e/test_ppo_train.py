@@ -20,9 +20,10 @@ import pytest
 
 from trainer_client import RewardClient
 from trainer_client.baselines.records import read_prompt_file
+from trainer_client.cli import build_parser, main
 from trainer_client.launch import ServiceProcess
 from trainer_client.ppo.checkpoint import checkpoint_dir, load_checkpoint
-from trainer_client.ppo.cli import add_train_parser, config_from_args, run_train
+from trainer_client.ppo.cli import config_from_args, run_train
 from trainer_client.ppo.trainer import batch_prompts, prepare_run
 from trainer_client.tiny_policy import build_tiny_policy
 
@@ -84,10 +85,8 @@ def write_prompts(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def train_args(policy: Path, prompts: Path, out: Path, url: str, *extra: str) -> argparse.Namespace:
-    """`crs-trainer train` as parsed by the command's own parser."""
-    root = argparse.ArgumentParser(prog="crs-trainer")
-    add_train_parser(root.add_subparsers(dest="command", required=True))
+def train_argv(policy: Path, prompts: Path, out: Path, url: str, *extra: str) -> list[str]:
+    """The command line of `crs-trainer train` for these tests."""
     flags = [
         f"--policy={policy}",
         f"--prompts={prompts}",
@@ -102,14 +101,21 @@ def train_args(policy: Path, prompts: Path, out: Path, url: str, *extra: str) ->
         "--torch-threads=1",
         "--quiet",
     ]
-    return root.parse_args(["train", *flags, *extra])
+    return ["train", *flags, *extra]
+
+
+def train_args(policy: Path, prompts: Path, out: Path, url: str, *extra: str) -> argparse.Namespace:
+    """`crs-trainer train` as `crs-trainer` parses it."""
+    return build_parser().parse_args(train_argv(policy, prompts, out, url, *extra))
 
 
 def lambda_run(policy: Path, prompts: Path, out: Path, url: str, *extra: str) -> int:
-    args = train_args(
-        policy, prompts, out, url, "--reward=contrastive", "--reward-scale=lambda", *extra
+    """A contrastive run under --reward-scale lambda, through `crs-trainer`'s entry point."""
+    return main(
+        train_argv(
+            policy, prompts, out, url, "--reward=contrastive", "--reward-scale=lambda", *extra
+        )
     )
-    return run_train(args)
 
 
 def rows(path: Path) -> list[dict[str, Any]]:

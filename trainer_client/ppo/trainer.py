@@ -250,7 +250,9 @@ def _loop(
     with (
         JsonlLog(config.out / METRICS) as metrics,
         JsonlLog(config.out / SAMPLES) as samples,
-        ProgressBar(config.iterations, description="ppo", quiet=config.quiet) as bar,
+        ProgressBar(
+            config.iterations, description="ppo", quiet=config.quiet, unit="iteration"
+        ) as bar,
     ):
         bar.update(run.iteration)
         saved_at = run.iteration
@@ -280,10 +282,7 @@ def _loop(
 
 
 def _show(bar: ProgressBar, row: Mapping[str, Metric]) -> None:
-    # The bar shows the latest reward and KL where the progress bar can (tqdm's postfix).
-    postfix = getattr(bar, "set_postfix", None)
-    if callable(postfix):
-        postfix({"reward": _short(row.get("reward_used")), "kl": _short(row.get("kl"))})
+    bar.set_postfix({"reward": _short(row.get("reward_used")), "kl": _short(row.get("kl"))})
 
 
 def _save(run: TrainingRun) -> None:
