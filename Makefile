@@ -14,7 +14,8 @@ PYTHON312 ?= $(shell for p in $$(command -v python3.12) $(wildcard $(HOME)/.pyen
 	do "$$p" -c "" 2>/dev/null && echo "$$p" && break; done)
 VENV312 ?= .venv312
 STAMP312 := $(VENV312)/.crs-installed
-BATCHER_TESTS := tests/unit/test_batcher.py tests/unit/test_batcher_faults.py
+# and the trainer's reward fetcher (an event loop thread of its own), torch-free as well.
+ASYNC_TESTS := tests/unit/test_batcher.py tests/unit/test_batcher_faults.py tests/unit/test_ppo_fetcher.py
 
 .PHONY: setup test lint typecheck pytest pytest312 demo clean redis-server
 
@@ -54,7 +55,7 @@ $(STAMP312): pyproject.toml
 	touch $(STAMP312)
 
 pytest312: $(STAMP312)
-	PYTHONPATH=. $(VENV312)/bin/pytest $(BATCHER_TESTS) -p no:cacheprovider
+	PYTHONPATH=. $(VENV312)/bin/pytest $(ASYNC_TESTS) -p no:cacheprovider
 
 test: lint typecheck pytest pytest312
 

@@ -27,7 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
         "with raw rewards, and print the gold reward and win rate of each.",
     )
     demo.add_argument("--workdir", type=Path, default=Path(".crs/demo"))
-    demo.add_argument("--iterations", type=int, default=12, help="PPO iterations per arm")
+    demo.add_argument(
+        "--assets",
+        type=Path,
+        default=Path(".crs/repro/assets"),
+        help="where the task's models are built or reused (default: those of "
+        "`crs-trainer reproduce`, .crs/repro/assets)",
+    )
+    demo.add_argument("--iterations", type=int, default=30, help="PPO iterations per arm")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     add_train_parser(commands)
     add_reproduce_parser(commands)
@@ -125,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         return _usage(f"--iterations must be >= 1, got {args.iterations}")
     from trainer_client.demo import run_demo
 
-    return run_demo(args.workdir, iterations=args.iterations, quiet=args.quiet)
+    return run_demo(
+        args.workdir, iterations=args.iterations, quiet=args.quiet, assets_dir=args.assets
+    )
 
 
 def run_sample(args: argparse.Namespace) -> int:

@@ -1,79 +1,88 @@
-"""`crs-trainer demo`: build a tiny reward model, serve it, push baseline responses for the demo
-prompts, and score a few pairs over HTTP: raw, baseline and contrastive rewards."""
+"""`crs-trainer demo` (`make demo`): the method in small, end to end, in a few minutes.
+
+On the gold-reward task of ``trainer_client.repro``: build (or reuse) the SFT policy and a
+proxy reward model trained with 20% flipped labels, start a redis-server of our own (or the
+service's in-process store when none is installed), serve the proxy RM with crs, sample and
+push k = 3 SFT baseline responses per prompt, train a few PPO iterations with contrastive
+rewards and as many with raw ones, and print the gold reward and win rate against SFT of each,
+with the path of the plot. Everything started is stopped on the way out.
+"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import httpx
+from trainer_client.repro.grid import GridConfig, run_grid
+from trainer_client.repro.report import headline, plot_curves, summarise
 
-from trainer_client.launch import ServiceProcess
-
-DEMO_ITEMS: list[dict[str, Any]] = [
-    {"prompt": "What is the capital of France?", "response": "Paris."},
-    {"prompt": "What is the capital of France?", "response": "I think it might be Lyon."},
-    {"prompt": "Write a haiku about rain.", "response": "Soft rain on the roof / ..."},
-    {
-        "prompt": [
-            {"role": "system", "content": "You are terse."},
-            {"role": "user", "content": "2 + 2?"},
-        ],
-        "response": "4",
-    },
-]
+DEMO_NOISE = 0.2
+DEMO_K = 3
 
 
-# What an SFT policy might have answered: each prompt's baseline (DESIGN.md 1).
-DEMO_BASELINES: list[dict[str, Any]] = [
-    {
-        "prompt": "What is the capital of France?",
-        "responses": ["Paris.", "The capital is Paris.", "France's capital is Paris, I believe."],
-    },
-    {
-        "prompt": "Write a haiku about rain.",
-        "responses": ["Rain falls / on the roof / softly", "Grey sky, wet street, calm.", "Rain."],
-    },
-]
+def demo_config(
+    workdir: Path,
+    *,
+    iterations: int = 30,
+    quiet: bool = False,
+    asset_options: Mapping[str, Any] | None = None,
+    assets_dir: Path | None = None,
+) -> GridConfig:
+    """One noise level, one k, one seed: a raw and a contrastive run of the same budget."""
+    return GridConfig(
+        workdir=workdir,
+        noise_levels=(DEMO_NOISE,),
+        ks=(DEMO_K,),
+        seeds=(0,),
+        iterations=iterations,
+        quiet=quiet,
+        asset_options=asset_options or {},
+        assets_dir=assets_dir,
+    )
 
 
-def build_model(model_dir: Path) -> None:
-    """A tiny random reward model, built once and reused by later demo runs."""
-    if (model_dir / "config.json").exists():
-        return
-    command = [sys.executable, "-m", "service", "tiny-model", str(model_dir), "--arch", "llama"]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def short(value: Any, width: int) -> str:
-    text = value if isinstance(value, str) else " / ".join(m["content"] for m in value)
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def run_demo(workdir: Path) -> int:
-    """Serve a tiny model on a free port, score the demo pairs, print them, stop the server."""
-    model_dir = workdir / "tiny-llama-rm"
-    print(f"building a tiny llama reward model in {model_dir} ...")
-    build_model(model_dir)
-    with ServiceProcess(model_dir) as server:
-        print(f"starting crs-service on {server.url} ...")
-        server.wait_ready()
-        pushed = httpx.put(f"{server.url}/v1/baselines", json={"items": DEMO_BASELINES}, timeout=60)
-        pushed.raise_for_status()
-        response = httpx.post(f"{server.url}/v1/rewards", json={"items": DEMO_ITEMS}, timeout=60)
-        response.raise_for_status()
-        body = response.json()
-    print(f"\nmodel {body['model']['version']} (random weights: the numbers mean nothing yet)")
-    print(f"baselines pushed for {pushed.json()['stored']} prompts (the in-process store)\n")
-    print(f"{'prompt':<32} {'response':<28} {'reward':>8} {'baseline':>8} {'contrast':>8}  source")
-    for item, result in zip(DEMO_ITEMS, body["results"], strict=True):
-        prompt, answer = short(item["prompt"], 32), short(item["response"], 28)
-        values = [number(result[key]) for key in ("reward", "baseline", "contrastive")]
-        print(f"{prompt:<32} {answer:<28} {' '.join(values)}  {result['baseline_source']}")
+def run_demo(
+    workdir: Path,
+    *,
+    iterations: int = 30,
+    quiet: bool = False,
+    asset_options: Mapping[str, Any] | None = None,
+    assets_dir: Path | None = None,
+) -> int:
+    """Run the demo in ``workdir`` (its runs start afresh each time). The task's models are
+    built in ``assets_dir`` (None: ``workdir/assets``), or reused from there: `crs-trainer
+    reproduce` builds its own in the same place by default. ``asset_options`` sizes them
+    (tests build smaller ones)."""
+    config = demo_config(
+        workdir,
+        iterations=iterations,
+        quiet=quiet,
+        asset_options=asset_options,
+        assets_dir=assets_dir,
+    )
+    shutil.rmtree(workdir / "runs", ignore_errors=True)
+    print(
+        f"demo: gold-reward task, proxy RM with {DEMO_NOISE:.0%} flipped labels, k = {DEMO_K} "
+        f"baselines per prompt, {iterations} PPO iterations per arm (work directory {workdir})"
+    )
+    results = run_grid(config)
+    cells = summarise(results)
+    plot = workdir / "demo-curves.png"
+    plot_curves(results, plot)
+    print()
+    print("| arm | gold reward | win rate vs SFT | proxy reward | KL |")
+    print("|---|---|---|---|---|")
+    for cell in cells:
+        v = cell.values
+        print(
+            f"| {cell.arm} | {v['gold'].mean:.3f} | {v['win_rate'].mean:.3f} | "
+            f"{v['proxy'].mean:.3f} | {v['kl'].mean:.3f} |"
+        )
+    print()
+    for line in headline(cells):
+        print(line)
+    print("(one seed: a sketch, not a result; `crs-trainer reproduce` runs the full grid)")
+    print(f"plot: {plot}")
     return 0
-
-
-def number(value: float | None) -> str:
-    return f"{value:>8.4f}" if value is not None else f"{'-':>8}"

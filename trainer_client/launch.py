@@ -31,11 +31,14 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """A running `crs-service serve --model DIR`, stopped (with its process group) on exit."""
+    """A running `crs-service serve --model DIR`, stopped (with its process group) on exit.
+
+    ``model`` is one directory, or ``{name: directory}`` for several named models (the first
+    the default), passed as ``--model NAME=DIR``."""
 
     def __init__(
         self,
-        model: Path,
+        model: Path | Mapping[str, Path],
         *,
         port: int | None = None,
         args: Sequence[str] = (),
@@ -50,7 +53,12 @@ class ServiceProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServiceProcess:
-        command = [sys.executable, "-m", "service", "serve", "--model", str(self.model)]
+        command = [sys.executable, "-m", "service", "serve"]
+        if isinstance(self.model, Mapping):
+            for name, path in self.model.items():
+                command += ["--model", f"{name}={path}"]
+        else:
+            command += ["--model", str(self.model)]
         command += ["--port", str(self.port), *self.args]
         with self.log_path.open("wb") as log:
             # A session of its own, so that stopping it stops every child as well.

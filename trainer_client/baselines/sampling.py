@@ -272,6 +272,18 @@ def prompt_text(tokenizer: Any, prompt: PromptValue) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
+def encode_prompts(policy: Policy, prompts: Sequence[PromptValue]) -> Any:
+    """The prompts as the policy continues them (``prompt_text``), left-padded on its device:
+    the baseline sampler and the PPO trainer render a prompt the same way, so the policy's
+    rollouts continue the very text its baselines were sampled from."""
+    tokenizer = policy.tokenizer
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    texts = [prompt_text(tokenizer, prompt) for prompt in prompts]
+    # A chat template writes its own BOS; adding special tokens again would double it.
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not templated)
+    return inputs.to(policy.device)
+
+
 def sample_batch(
     policy: Policy, prompts: Sequence[PromptValue], config: SamplingConfig, seed: int
 ) -> list[list[str]]:
@@ -279,12 +291,7 @@ def sample_batch(
     import torch
 
     tokenizer = policy.tokenizer
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    texts = [prompt_text(tokenizer, prompt) for prompt in prompts]
-    # A chat template writes its own BOS; adding special tokens again would double it.
-    inputs = tokenizer(
-        texts, return_tensors="pt", padding=True, add_special_tokens=not templated
-    ).to(policy.device)
+    inputs = encode_prompts(policy, prompts)
     with torch.random.fork_rng(devices=_rng_devices(policy.device)), torch.inference_mode():
         torch.manual_seed(seed)
         output = policy.model.generate(

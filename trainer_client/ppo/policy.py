@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainer_client.baselines.records import PromptValue
-from trainer_client.baselines.sampling import Device, Policy, load_policy, prompt_text
+from trainer_client.baselines.sampling import Device, Policy, encode_prompts, load_policy
 
 if TYPE_CHECKING:
     import torch
@@ -129,12 +129,7 @@ def generate_rollout(
     import torch
 
     tokenizer = policy.tokenizer
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    texts = [prompt_text(tokenizer, prompt) for prompt in prompts]
-    # A chat template writes its own BOS; adding special tokens again would double it.
-    inputs = tokenizer(
-        texts, return_tensors="pt", padding=True, add_special_tokens=not templated
-    ).to(policy.device)
+    inputs = encode_prompts(policy, prompts)
     eos = eos_token_ids(policy)
     # no_grad, not inference_mode: these ids feed the forward passes that are differentiated.
     with torch.no_grad():
