@@ -145,3 +145,18 @@ def test_an_unreachable_service_fails_the_preflight_naming_its_url() -> None:
     with RewardFetcher(config(url)) as fetcher, pytest.raises(RewardServiceError) as refused:
         fetcher.check_reachable()
     assert url in str(refused.value) or refused.value.url == url
+
+
+@pytest.mark.timeout(60)
+def test_a_wait_whose_loop_thread_stopped_fails_instead_of_hanging(
+    stand_in: tuple[str, StandIn],
+) -> None:
+    url, state = stand_in  # the server holds its answer: the fetch stays in flight
+    fetcher = RewardFetcher(config(url))
+    pending = fetcher.start([{"prompt": "p", "response": "r"}])
+    assert state.received.wait(timeout=10)
+    # What a loop thread gone for any reason looks like to the trainer waiting on it.
+    fetcher._loop.call_soon_threadsafe(fetcher._loop.stop)
+    fetcher._thread.join(timeout=10)
+    with pytest.raises(RewardServiceError, match="loop stopped with a request in flight"):
+        pending.wait()

@@ -36,6 +36,8 @@ STD_FLOOR = 1e-6
 # The preflight asks once more at most: an unreachable URL should fail in seconds, not after
 # the full backoff a running trainer gives a replica that restarts.
 _PREFLIGHT_RETRIES = 1
+# How often a wait for crs's answer checks that the loop thread is still there to give it.
+_LOOP_CHECK_S = 1.0
 
 
 def contrastive_options(config: TrainConfig) -> dict[str, Any]:
@@ -61,21 +63,45 @@ class FetchedRewards:
     fetch_s: float
 
 
+def await_result(future: concurrent.futures.Future[T], thread: threading.Thread) -> T:
+    """``future.result()``, unless the loop thread that would complete it has stopped: then an
+    error saying so instead of a wait that never ends.
+
+    Raises:
+        RewardServiceError: the loop thread stopped with the future pending (as ``FetchStopped``),
+            or whatever the coroutine raised.
+    """
+    from trainer_client.client.reward_client import RewardServiceError
+
+    while True:
+        try:
+            return future.result(timeout=_LOOP_CHECK_S)
+        except concurrent.futures.TimeoutError:
+            if not thread.is_alive():
+                future.cancel()
+                raise RewardServiceError(
+                    "the trainer's reward fetch loop stopped with a request in flight"
+                ) from None
+
+
 class PendingRewards:
     """A fetch in flight; ``wait`` blocks until its answer (or raises the client's error)."""
 
-    def __init__(self, future: concurrent.futures.Future[list[RewardResult]]) -> None:
+    def __init__(
+        self, future: concurrent.futures.Future[list[RewardResult]], thread: threading.Thread
+    ) -> None:
         self._started = time.monotonic()
         self._done_at: float | None = None
         self._future = future
+        self._thread = thread
         future.add_done_callback(self._mark_done)
 
     def _mark_done(self, _: concurrent.futures.Future[list[RewardResult]]) -> None:
         self._done_at = time.monotonic()
 
     def wait(self) -> FetchedRewards:
-        """The answers, once they are here."""
-        results = self._future.result()
+        """The answers, once they are here (an error, not a hang, if the loop thread stopped)."""
+        results = await_result(self._future, self._thread)
         done_at = self._done_at if self._done_at is not None else time.monotonic()
         return FetchedRewards(results=results, fetch_s=done_at - self._started)
 
@@ -135,7 +161,7 @@ class RewardFetcher:
         """Send one batch's ``{"prompt", "response", "prompt_id"?}`` items; returns at once."""
         client = self._require_client()
         coroutine = client.score(list(items), contrastive=self._options)
-        return PendingRewards(asyncio.run_coroutine_threadsafe(coroutine, self._loop))
+        return PendingRewards(asyncio.run_coroutine_threadsafe(coroutine, self._loop), self._thread)
 
     def close(self) -> None:
         """Close the connections and stop the loop thread; calling it again does nothing."""
@@ -152,7 +178,7 @@ class RewardFetcher:
         return self._client
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        return await_result(asyncio.run_coroutine_threadsafe(coroutine, self._loop), self._thread)
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
