@@ -188,8 +188,7 @@ def experiment(config: GridConfig) -> Iterator[Experiment]:
     models = {noise_name(n): assets.rms[n].path for n in config.noise_levels}
     with baseline_store(config) as (store, redis_url):
         args = ["--redis-url", redis_url] if redis_url else []
-        # The tiny models score in milliseconds; CPU threads are left to the trainer.
-        with ServiceProcess(models, args=args, env={"CRS_CPU_THREADS": "1"}) as server:
+        with ServiceProcess(models, args=args) as server:
             server.wait_ready()
             for baseline_file, _ in k_files.values():
                 push_file(baseline_file, server.url, quiet=config.quiet)
