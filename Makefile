@@ -7,6 +7,9 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.crs-installed
 PYTEST_ARGS ?=
+# pytest-xdist workers, whole files to a worker (module fixtures start their servers once):
+# most e2e time is spent waiting on servers the tests start, so two cores run two at a time.
+PYTEST_WORKERS ?= auto
 # The batcher's tests also run on Python 3.12 (its Task.cancel() cancels a future at once), in a
 # small torch-free venv: the batcher needs no torch, and torch for 3.12 is a multi-GB download.
 # The first candidate that runs (a pyenv shim named python3.12 may exist and refuse to).
@@ -35,7 +38,7 @@ typecheck: setup
 	$(BIN)/mypy
 
 pytest: setup redis-server
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The tests start their own redis-server processes on free ports; install it when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
