@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -21,6 +22,9 @@ MIN_TOKEN_CHARS = 8
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 REDACTED = "***"
 QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&#]*")
+# A Redis Cluster URL's scheme, and the scheme of one node's URL (TLS or not).
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+CLUSTER_URL_FORM = "redis+cluster://[user:password@]host:port[,host:port...][?option=value...]"
 # The end-of-sequence texts of common chat templates (Llama 2, ChatML, Llama 3, GPT, Gemma).
 GET_REWARD_END_MARKERS = (
     "</s>",
@@ -133,6 +137,13 @@ class Settings(BaseSettings):
         "list, beside the reward tokenizer's special tokens); baseline responses get the same",
     )
 
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            cluster_address(value)  # a clear error now rather than at the first lookup
+        return value
+
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
@@ -237,3 +248,63 @@ def redact_url(url: str) -> str:
     if "@" in netloc:
         url = url.replace(netloc, f"{REDACTED}@{netloc.rpartition('@')[2]}", 1)
     return QUERY_PASSWORD.sub(rf"\g<1>{REDACTED}", url)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterAddress:
+    """Where a Redis Cluster is: its startup nodes, and the URL of the first one carrying the
+    credentials and options of the cluster URL (what redis-py reads)."""
+
+    nodes: tuple[tuple[str, int], ...]
+    node_url: str
+
+
+def cluster_address(url: str) -> ClusterAddress | None:
+    """The nodes of a ``redis+cluster://`` (or ``rediss+cluster://``) URL; None for a
+    single-node URL. A malformed cluster URL raises ``ValueError`` naming what is wrong, never
+    its credentials."""
+    scheme, sep, rest = url.partition("://")
+    node_scheme = CLUSTER_SCHEMES.get(scheme.lower()) if sep else None
+    if node_scheme is None:
+        if scheme.lower() in ("redis", "rediss") and "," in _hosts(url):
+            raise ValueError(
+                f"a Redis URL names one node; for a Redis Cluster use {CLUSTER_URL_FORM}"
+            )
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ValueError(f"unreadable Redis Cluster URL; the form is {CLUSTER_URL_FORM}") from None
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    entries = hosts.split(",")
+    nodes = tuple(_cluster_node(entry, n, len(entries)) for n, entry in enumerate(entries, 1))
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError("a Redis Cluster has database 0 only: leave the URL's path out")
+    host, port = nodes[0]
+    shown = f"[{host}]" if ":" in host else host
+    query = f"?{parts.query}" if parts.query else ""
+    return ClusterAddress(nodes, f"{node_scheme}://{userinfo}{at}{shown}:{port}{query}")
+
+
+def _hosts(url: str) -> str:
+    """The hosts part of a URL ("" when unreadable: redis-py says what is wrong with it)."""
+    try:
+        return urlsplit(url).netloc.rpartition("@")[2]
+    except ValueError:
+        return ""
+
+
+def _cluster_node(entry: str, number: int, count: int) -> tuple[str, int]:
+    """One ``host:port`` of a cluster URL (the port is required: nodes rarely share one). The
+    error names its place, not its text: a mistyped URL may hold a password there."""
+    try:
+        parts = urlsplit(f"//{entry.strip()}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or port is None or parts.username is not None:
+        raise ValueError(
+            f"node {number} of {count} of the Redis Cluster URL is not host:port; the form is "
+            f"{CLUSTER_URL_FORM}"
+        )
+    return host, port

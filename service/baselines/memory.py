@@ -46,7 +46,12 @@ class MemoryBaselineStore:
         return "memory"
 
     async def lookup(
-        self, prompt_ids: Sequence[str], version: str, *, with_responses: bool = False
+        self,
+        prompt_ids: Sequence[str],
+        version: str,
+        *,
+        with_responses: bool = False,
+        partial: bool = False,  # nothing here fails in part
     ) -> dict[str, StoredPrompt]:
         found: dict[str, StoredPrompt] = {}
         for prompt_id in prompt_ids:

@@ -3,7 +3,9 @@
 A lookup goes cache -> compute from the stored responses -> missing (DESIGN.md 4). When the
 store fails or is slower than ``CRS_BASELINE_BUDGET_S``, every prompt of the request is
 "unavailable" and the store is left alone for ``CRS_STORE_COOLDOWN_S``, so an outage costs each
-request at most one budget, and most requests nothing.
+request at most one budget, and most requests nothing. When part of it fails (a Redis Cluster
+node), only the prompts of that part are "unavailable", and the rest of the store is not left
+alone (the store itself leaves the failed node alone meanwhile).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from service.baselines.redis_store import connect
 from service.baselines.store import (
     BaselineStore,
     BaselineWrite,
+    PartlyUnavailable,
     StoredPrompt,
     StoreFull,
     StoreUnavailable,
@@ -138,9 +141,15 @@ class BaselineService:
             return dict.fromkeys(prompts, Baseline("unavailable"))
         baselines = {pid: Baseline("missing") for pid in prompts if pid not in found}
         for pid, stored in found.items():
-            if stored.rewards is not None:
+            if stored.unavailable:
+                baselines[pid] = Baseline("unavailable")
+            elif stored.rewards is not None:
                 baselines[pid] = Baseline("cache", stored.rewards)
-        todo = {pid: stored for pid, stored in found.items() if stored.rewards is None}
+        todo = {
+            pid: stored
+            for pid, stored in found.items()
+            if stored.rewards is None and not stored.unavailable
+        }
         computed = await asyncio.gather(
             *(self._computed(pid, prompts[pid], stored, scoring) for pid, stored in todo.items())
         )
@@ -153,7 +162,10 @@ class BaselineService:
             return None
         try:
             async with asyncio.timeout(self._settings.baseline_budget_s):
-                return await self.store.lookup(prompt_ids, version)
+                return await self.store.lookup(prompt_ids, version, partial=True)
+        except PartlyUnavailable as exc:  # the rest of the store answers: no cool-down
+            log.warning("baseline store lookup failed in part: %s", exc)
+            return None
         except (StoreUnavailable, TimeoutError) as exc:
             self._store_failed("lookup", exc)
             return None
@@ -199,7 +211,7 @@ class BaselineService:
         try:
             async with asyncio.timeout(self._settings.baseline_budget_s):
                 await self.store.cache_rewards(prompt_id, digest, version, rewards)
-        except StoreFull as exc:  # reads still work: no cool-down
+        except (StoreFull, PartlyUnavailable) as exc:  # the rest still works: no cool-down
             log.warning("baseline store cache failed: %s", exc)
         except (StoreUnavailable, TimeoutError) as exc:
             self._store_failed("cache", exc)

@@ -34,6 +34,11 @@ class StoreUnavailable(RuntimeError):
     """The store did not answer (down, unreachable or too slow)."""
 
 
+class PartlyUnavailable(StoreUnavailable):
+    """Part of the store did not answer (a Redis Cluster node, with its slots); the rest did.
+    Not a reason to leave the whole store alone for a while."""
+
+
 class StoreFull(StoreUnavailable):
     """The store refused a write for want of memory (Redis ``maxmemory`` with noeviction):
     retrying soon does not help."""
@@ -71,6 +76,9 @@ class StoredPrompt:
     # The prompt's stored values are not crs's (wrong key type, unreadable JSON): treated as
     # missing by lookups, refused by appends.
     corrupt: bool = False
+    # The part of the store that holds the prompt did not answer (a partial lookup only): what
+    # it holds is not known.
+    unavailable: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,9 +102,16 @@ class BaselineStore(Protocol):
     def kind(self) -> StoreKind: ...
 
     async def lookup(
-        self, prompt_ids: Sequence[str], version: str, *, with_responses: bool = False
+        self,
+        prompt_ids: Sequence[str],
+        version: str,
+        *,
+        with_responses: bool = False,
+        partial: bool = False,
     ) -> dict[str, StoredPrompt]:
-        """The stored prompts among ``prompt_ids`` (absent ones are left out)."""
+        """The stored prompts among ``prompt_ids`` (absent ones are left out). When part of
+        the store fails (a cluster node), ``partial`` answers its prompts as ``unavailable``
+        and the others normally; without it, that raises ``PartlyUnavailable``."""
 
     async def write(
         self, writes: Sequence[BaselineWrite], expected_digests: Sequence[str | None] = ()

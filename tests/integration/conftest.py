@@ -1,5 +1,6 @@
 """Fixtures of the push tests (test_push.py, test_push_idempotent.py): the fake service of
-test_push.py served on a free port, and a baseline file of its records."""
+test_push.py served on a free port, and a baseline file of its records; and the Redis Cluster
+of tests/redis_cluster.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_push import RECORDS, FakeService, serving
+from tests.redis_cluster import own_redis_cluster, redis_cluster  # noqa: F401 - fixtures
 from trainer_client.launch import free_port
 
 

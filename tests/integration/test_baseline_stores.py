@@ -1,5 +1,6 @@
-"""One behavioural suite, run on both baseline stores: the in-process one and Redis (a real
-``redis-server`` of the test session's own)."""
+"""One behavioural suite, run on every baseline store: the in-process one, Redis (a real
+``redis-server`` of the test session's own) and a Redis Cluster (three real masters of the
+session's own, the suite's prompts spread over all three)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
+from redis.asyncio.cluster import RedisCluster
 
 from service.baselines.memory import MemoryBaselineStore
 from service.baselines.redis_store import connect
 from service.baselines.store import BaselineStore, BaselineWrite, responses_digest
 from service.settings import Settings
+from tests.redis_cluster import RedisClusterProcess
 from trainer_client.launch import RedisProcess
 
 T = TypeVar("T")
@@ -62,15 +65,16 @@ async def statuses(
     return [outcome.status for outcome in await store.write(writes, expected or ())]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def with_store(
     request: pytest.FixtureRequest, redis_server: RedisProcess
 ) -> Callable[[Callable[[BaselineStore], Awaitable[T]]], T]:
     """Runs a test body against a fresh store of each kind, on its own event loop."""
+    server = server_of(request, request.param, redis_server)
 
     def run(body: Callable[[BaselineStore], Awaitable[T]]) -> T:
         async def main() -> T:
-            async with open_store(request.param, redis_server) as store:
+            async with open_store(request.param, server) as store:
                 return await body(store)
 
         return asyncio.run(main())
@@ -78,8 +82,23 @@ def with_store(
     return run
 
 
+def server_of(
+    request: pytest.FixtureRequest, kind: str, redis_server: RedisProcess
+) -> RedisProcess | RedisClusterProcess:
+    """The session's Redis, or its Redis Cluster (started only when a test asks for it)."""
+    if kind == "cluster":
+        cluster: RedisClusterProcess = request.getfixturevalue("redis_cluster")
+        return cluster
+    return redis_server
+
+
 class open_store:  # noqa: N801 - an async context manager named like a function
-    def __init__(self, kind: str, server: RedisProcess, metrics: NoMetrics | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        server: RedisProcess | RedisClusterProcess,
+        metrics: NoMetrics | None = None,
+    ) -> None:
         self.kind, self.server, self.metrics = kind, server, metrics or NoMetrics()
 
     async def __aenter__(self) -> BaselineStore:
@@ -87,7 +106,11 @@ class open_store:  # noqa: N801 - an async context manager named like a function
             self.store: BaselineStore = MemoryBaselineStore()
         else:
             self.store = connect(Settings(redis_url=self.server.url), self.metrics)
-            await self.store._client.flushdb()  # type: ignore[attr-defined]
+            client = self.store._client
+            if self.kind == "cluster":
+                await client.flushdb(target_nodes=RedisCluster.PRIMARIES)
+            else:
+                await client.flushdb()
         return self.store
 
     async def __aexit__(self, *exc: object) -> None:
@@ -276,12 +299,29 @@ def test_only_the_last_upload_ids_are_kept(with_store: Any) -> None:
     with_store(body)
 
 
-def test_redis_bounds_each_prompts_upload_ids_in_size_and_time(redis_server: RedisProcess) -> None:
+@pytest.fixture(params=["redis", "cluster"])
+def redis_kind(
+    request: pytest.FixtureRequest, redis_server: RedisProcess
+) -> tuple[str, RedisProcess | RedisClusterProcess]:
+    """A Redis store's kind (one Redis, or a cluster) and its server."""
+    return request.param, server_of(request, request.param, redis_server)
+
+
+def test_the_suites_prompts_spread_over_every_master(redis_cluster: RedisClusterProcess) -> None:
+    from service.baselines.redis_store import responses_key
+
+    masters = {redis_cluster.node_of(responses_key(f"p{n}")) for n in range(10)}
+    assert masters == set(range(len(redis_cluster.nodes)))
+
+
+def test_redis_bounds_each_prompts_upload_ids_in_size_and_time(
+    redis_kind: tuple[str, RedisProcess | RedisClusterProcess],
+) -> None:
     from service.baselines.redis_store import uploads_key
     from service.baselines.store import UPLOADS_KEPT, UPLOADS_TTL_S
 
     async def body() -> None:
-        async with open_store("redis", redis_server) as store:
+        async with open_store(*redis_kind) as store:
             writes = [write("p", ["a"], upload_id=f"u{n}") for n in range(UPLOADS_KEPT + 5)]
             await store.write(writes)
             client = store._client  # type: ignore[attr-defined]
@@ -291,13 +331,15 @@ def test_redis_bounds_each_prompts_upload_ids_in_size_and_time(redis_server: Red
     asyncio.run(body())
 
 
-def test_redis_values_crs_did_not_write_cost_only_their_prompt(redis_server: RedisProcess) -> None:
+def test_redis_values_crs_did_not_write_cost_only_their_prompt(
+    redis_kind: tuple[str, RedisProcess | RedisClusterProcess],
+) -> None:
     from service.baselines.redis_store import responses_key, rewards_key
 
     metrics = CountingMetrics()
 
     async def body() -> None:
-        async with open_store("redis", redis_server, metrics) as store:
+        async with open_store(*redis_kind, metrics) as store:
             client = store._client  # type: ignore[attr-defined]
             await store.write([write("good", ["a"]), write("stale", ["b"])])
             await client.set(responses_key("typed"), "a string")
