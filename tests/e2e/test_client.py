@@ -1,13 +1,12 @@
 """RewardClient and AsyncRewardClient against real `crs-service serve` processes: order across
-chunks, retries (through a fault-injecting proxy), a replica dying mid-run, model swaps and
-pinning, auth, the async twin, a baseline round trip, and an append retried after its answer
-was lost."""
+chunks, retries (through a fault-injecting proxy), two replicas sharing one redis-server (baselines
+pushed once, one replica dying mid-run), model swaps and pinning, auth, the async twin, a baseline
+round trip, and an append retried after its answer was lost."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -19,6 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fault_proxy import Fault, FaultProxy
 from tests.models import mixed_items
@@ -31,19 +31,21 @@ from trainer_client import (
     RewardServiceError,
     prompt_id,
 )
-from trainer_client.launch import ServiceProcess
+from trainer_client.launch import RedisProcess, ServiceProcess
 
 TOLERANCE = 1e-4
 TOKEN = "client-e2e-token"
 # Quick retries, so that waits measured in a test come from Retry-After, not from backoff.
 FAST = RetryPolicy(retries=3, base_s=0.01, max_s=0.05)
 PAIRS = mixed_items(12, seed=5, max_words=20)
+# This module's own database on the session's redis-server (other tests flush database 0).
+SHARED_DB = 14
 
 
 @dataclass(frozen=True)
 class Fleet:
-    """primary: tiny llama (seed 0); doomed: the same model, killed by one test; seed7: another
-    version, behind a bearer token."""
+    """primary: tiny llama (seed 0); doomed: the same model, killed by one test; the two are
+    replicas sharing one Redis database. seed7: another version, behind a bearer token."""
 
     primary: ServiceProcess
     doomed: ServiceProcess
@@ -51,13 +53,16 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def fleet(
+    tiny_llama: Path, redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Fleet]:
     from service.scoring.tiny import build_tiny_model
 
     seed7 = build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama-7", "llama", seed=7)
+    shared = ["--redis-url", redis_server.url.rsplit("/", 1)[0] + f"/{SHARED_DB}"]
     servers = Fleet(
-        primary=ServiceProcess(tiny_llama),
-        doomed=ServiceProcess(tiny_llama),
+        primary=ServiceProcess(tiny_llama, args=shared),
+        doomed=ServiceProcess(tiny_llama, args=shared),
         seed7=ServiceProcess(seed7, env={"CRS_API_TOKENS": TOKEN}),
     )
     with contextlib.ExitStack() as stack:
@@ -167,34 +172,116 @@ def test_a_replica_answering_503_is_skipped_during_its_cooldown(
     )
 
 
+def metric(server: ServiceProcess, name: str, **labels: str) -> float:
+    """The sum of a Prometheus sample of ``server`` over the samples with ``labels``."""
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
 def items_scored(server: ServiceProcess) -> float:
-    metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
-    match = re.search(r"^crs_items_scored_total (\S+)$", metrics, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    return metric(server, "crs_items_scored_total")
 
 
-def test_a_replica_killed_mid_run_loses_no_results(fleet: Fleet) -> None:
-    items = mixed_items(2000, seed=2, max_words=30)
+def baseline_lookups(server: ServiceProcess, source: str) -> float:
+    return metric(server, "crs_baseline_lookups_total", source=source)
+
+
+def pushes(servers: Sequence[ServiceProcess]) -> float:
+    """``PUT /v1/baselines`` requests the servers answered, whatever the status."""
+    return sum(
+        metric(server, "crs_requests_total", route="/v1/baselines", method="PUT")
+        for server in servers
+    )
+
+
+# Prompts of the run below, with their stored baseline responses (three each).
+SHARED_BASELINES = [
+    {"prompt": pair["prompt"], "responses": [pair["response"], f"shared {n}", "a third answer"]}
+    for n, pair in enumerate(mixed_items(40, seed=11, max_words=20))
+]
+
+
+def run_items(count: int) -> list[dict[str, Any]]:
+    """``count`` items over the shared baselines' prompts, each with a response of its own."""
+    responses = mixed_items(count, seed=2, max_words=30)
+    return [
+        {"prompt": SHARED_BASELINES[n % len(SHARED_BASELINES)]["prompt"], "response": r["response"]}
+        for n, r in enumerate(responses)
+    ]
+
+
+def lookups(server: ServiceProcess, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One plain contrastive request to ``server`` alone."""
+    body = {"items": list(items), "contrastive": {"aggregate": "mean"}}
+    response = httpx.post(f"{server.url}/v1/rewards", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    results: list[dict[str, Any]] = response.json()["results"]
+    return results
+
+
+def test_baselines_pushed_once_are_hits_on_both_replicas_and_a_kill_mid_run_loses_nothing(
+    fleet: Fleet,
+) -> None:
+    """Two replicas sharing one Redis behind the client's replica list: baselines pushed once
+    (one request, so one replica stored them) are cache hits on both; then one replica is
+    SIGKILLed during a contrastive run and every item still gets its one answer, equal to the
+    surviving replica's own."""
+    replicas = [fleet.doomed, fleet.primary]
+    urls = [replica.url for replica in replicas]
+    pushes_before = pushes(replicas)
+    with RewardClient(urls, retry=FAST) as client:
+        pushed = client.push_baselines(SHARED_BASELINES)
+    assert (pushed.stored, pushed.failed) == (len(SHARED_BASELINES), 0)
+    assert pushes(replicas) - pushes_before == 1
+    means = {result.prompt_id: result.mean for result in pushed.results}
+    expected_means = [means[prompt_id(b["prompt"])] for b in SHARED_BASELINES]
+
+    # Hits on both, without computing: the replica the push did not reach knows the prompts
+    # only through Redis.
+    probes = [{"prompt": b["prompt"], "response": "a probe answer"} for b in SHARED_BASELINES]
+    for replica in replicas:
+        before = {s: baseline_lookups(replica, s) for s in ("cache", "computed")}
+        answered = lookups(replica, probes)
+        assert [r["baseline_source"] for r in answered] == ["cache"] * len(probes), replica.url
+        assert [r["baseline"] for r in answered] == pytest.approx(expected_means, abs=TOLERANCE)
+        assert baseline_lookups(replica, "cache") - before["cache"] == len(probes)
+        assert baseline_lookups(replica, "computed") == before["computed"]
+
+    items = run_items(2000)
     expected = direct_rewards(fleet.primary.url, items)
+    baselines = [expected_means[n % len(SHARED_BASELINES)] for n in range(len(items))]
     versions: list[tuple[str | None, str]] = []
     client = RewardClient(
-        [fleet.doomed.url, fleet.primary.url],
+        urls,
         chunk_size=50,
         max_concurrency=4,
         retry=RetryPolicy(retries=5, base_s=0.05, max_s=0.5),
         on_version_change=lambda old, new: versions.append((old, new)),
     )
+    scored_before = items_scored(fleet.doomed)  # the probes above count too
     with client, ThreadPoolExecutor(1) as pool:
-        running = pool.submit(client.score, items, None)
-        while items_scored(fleet.doomed) == 0:
+        running = pool.submit(client.score, items, {"aggregate": "mean"})
+        deadline = time.monotonic() + 120
+        while items_scored(fleet.doomed) == scored_before and time.monotonic() < deadline:
             time.sleep(0.02)
         fleet.doomed.signal(signal.SIGKILL)
         assert not running.done(), "the run ended before the kill: nothing was tested"
         results = running.result(timeout=120)
     assert fleet.doomed.process is not None
     assert fleet.doomed.process.wait(10) == -signal.SIGKILL
+    # One answer per item, in order: each matches its own item's reward and prompt's baseline.
     assert len(results) == len(items)
     assert rewards(results) == pytest.approx(expected, abs=TOLERANCE)
+    assert {r.baseline_source for r in results} == {"cache"}
+    assert [r.baseline for r in results] == pytest.approx(baselines, abs=TOLERANCE)
+    assert [r.contrastive for r in results] == pytest.approx(
+        np.subtract(expected, baselines), abs=TOLERANCE
+    )
     assert len(versions) == 1  # both replicas serve one version
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.models import DirectScorer, sentence
 from trainer_client import RewardClient, RewardResult
@@ -88,6 +89,7 @@ EAGER_BASELINES = baselines("eager", 3, seed=3)
 NAMED_BASELINES = baselines("named", 3, seed=4)
 NAMED_QUERIES = queries(NAMED_BASELINES, 6, seed=5)
 FLEET_BASELINES = baselines("fleet", 6, seed=6)
+FLEET_POOL = queries(FLEET_BASELINES, 32, seed=8)  # what the clients of the rollout send
 GOLDEN = queries(LOAD_BASELINES, 5, seed=7)
 
 
@@ -281,7 +283,8 @@ def of_prompt(stored: Sequence[dict[str, Any]], prompt: Any) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Answer:
     """One answer a load client got: its HTTP status, the version it names (None unless 200),
-    the pool indices it scored, and per item the reward, baseline and baseline source."""
+    the pool indices it scored, and per item the reward, baseline and baseline source;
+    ``sent`` and ``received`` (monotonic clock) bound when the server may have served it."""
 
     status: int
     version: str | None = None
@@ -289,6 +292,8 @@ class Answer:
     rewards: tuple[float, ...] = ()
     baselines: tuple[float | None, ...] = ()
     sources: tuple[str | None, ...] = ()
+    sent: float = 0.0
+    received: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -309,19 +314,28 @@ class Sent:
 
 
 class LoadClient(threading.Thread):
-    """Sends requests of ``size`` pool items in a loop until stopped, recording each answer;
-    ``offset`` makes the clients' items differ."""
+    """Sends requests of ``size`` items of ``pool`` in a loop until stopped, recording each
+    answer; ``offset`` makes the clients' items differ."""
 
-    def __init__(self, name: str, url: str, size: int, offset: int, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        size: int,
+        offset: int,
+        stop: threading.Event,
+        pool: Sequence[dict[str, Any]] = POOL,
+    ) -> None:
         super().__init__(name=name, daemon=True)
         self.url, self.size, self.offset, self.stop = url, size, offset, stop
+        self.pool = pool
         self.answers: list[Answer] = []
         self.sent: list[Sent] = []  # every /v1/rewards request, retries included
         self.error: BaseException | None = None
 
     def indices(self, n: int) -> tuple[int, ...]:
-        start = (n * 7 + self.offset) % len(POOL)
-        return tuple((start + i) % len(POOL) for i in range(self.size))
+        start = (n * 7 + self.offset) % len(self.pool)
+        return tuple((start + i) % len(self.pool) for i in range(self.size))
 
     def run(self) -> None:
         try:
@@ -347,11 +361,13 @@ class HttpxClient(LoadClient):
             super().run()
 
     def send(self, indices: tuple[int, ...]) -> Answer:
-        body = {"items": [POOL[i] for i in indices], "contrastive": MEAN}
+        body = {"items": [self.pool[i] for i in indices], "contrastive": MEAN}
+        sent = time.monotonic()
         response = self.http.post(f"{self.url}/v1/rewards", json=body)
+        received = time.monotonic()
         self.sent.append(Sent.of(request_body=body, response=response))
         if response.status_code != 200:
-            return Answer(status=response.status_code)
+            return Answer(status=response.status_code, sent=sent, received=received)
         answer = response.json()
         results = answer["results"]
         return Answer(
@@ -361,6 +377,8 @@ class HttpxClient(LoadClient):
             rewards=tuple(r["reward"] for r in results),
             baselines=tuple(r["baseline"] for r in results),
             sources=tuple(r["baseline_source"] for r in results),
+            sent=sent,
+            received=received,
         )
 
 
@@ -397,7 +415,7 @@ class ClientOfTrainers(LoadClient):
             super().run()
 
     def send(self, indices: tuple[int, ...]) -> Answer:
-        results: list[RewardResult] = self.client.score([POOL[i] for i in indices], MEAN)
+        results: list[RewardResult] = self.client.score([self.pool[i] for i in indices], MEAN)
         versions = {r.model_version for r in results}
         assert len(versions) == 1, f"one call got several versions: {versions}"
         return Answer(
@@ -483,15 +501,21 @@ def assert_old_then_new(client: LoadClient, old: str, new: str) -> None:
     assert len(changes) == 1, f"{client.name} changed version {len(changes)} times: {versions}"
 
 
-def assert_scored_by(answer: Answer, model: Path, reference: Reference) -> None:
+def assert_scored_by(
+    answer: Answer,
+    model: Path,
+    reference: Reference,
+    pool: Sequence[dict[str, Any]] = POOL,
+    stored: Sequence[dict[str, Any]] = LOAD_BASELINES,
+) -> None:
     """Each reward is ``model``'s direct score of its item, each baseline the mean of its direct
-    scores of the prompt's stored responses, from the cache."""
-    items = [POOL[i] for i in answer.indices]
+    scores of the prompt's stored responses, from the cache: an answer mixing versions fails."""
+    items = [pool[i] for i in answer.indices]
     where = f"answer of {answer.version} for pool items {answer.indices}"
     assert list(answer.rewards) == pytest.approx(reference.rewards(model, items), abs=TOLERANCE), (
         where
     )
-    expected = [reference.baseline(model, of_prompt(LOAD_BASELINES, i["prompt"])) for i in items]
+    expected = [reference.baseline(model, of_prompt(stored, i["prompt"])) for i in items]
     assert list(answer.baselines) == pytest.approx(expected, abs=TOLERANCE), where
     assert set(answer.sources) == {"cache"}, where
 
@@ -662,34 +686,127 @@ def models_command(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
 
+def rebaselined(server: ServiceProcess) -> dict[str, float]:
+    """``crs_rebaseline_prompts_total`` of ``server`` by outcome (a counter: compare deltas)."""
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    return {
+        sample.labels["outcome"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "crs_rebaseline_prompts_total"
+    }
+
+
+def delta(after: dict[str, float], before: dict[str, float], outcome: str) -> float:
+    return after.get(outcome, 0.0) - before.get(outcome, 0.0)
+
+
+def rollout_clients(
+    replicas: Sequence[ServiceProcess], stop: threading.Event
+) -> dict[str, list[LoadClient]]:
+    """Three plain httpx clients per replica (1, 4 and 16 items a request), each sending
+    contrastive requests over the fleet's stored prompts to its replica directly."""
+    return {
+        replica.url: [
+            HttpxClient(f"{name}-{size}", replica.url, size, offset, stop, pool=FLEET_POOL)
+            for size, offset in ((1, 0), (4, 8), (16, 16))
+        ]
+        for name, replica in zip(("first", "second"), replicas, strict=True)
+    }
+
+
+def assert_switched_once(clients: Sequence[LoadClient], old: str, new: str) -> None:
+    """The replica's answers go old...old new...new: each client's do, and no request sent
+    after one of the replica's new answers came back got the old version."""
+    for client in clients:
+        assert_old_then_new(client, old, new)
+    answers = [answer for client in clients for answer in client.answers]
+    last_old_sent = max(a.sent for a in answers if a.version == old)
+    first_new_received = min(a.received for a in answers if a.version == new)
+    assert last_old_sent < first_new_received, f"{clients[0].url} went back to {old}"
+
+
 def test_models_load_rolls_two_replicas_onto_the_new_version_and_the_second_reuses_the_first(
     fleet: Fleet, models: Models
 ) -> None:
+    """`crs-service models load --activate --rebaseline eager` over two replicas sharing one
+    Redis, while clients score contrastive rewards on both: every request answered 200 by one
+    whole version, each replica switching once, the first before the second, and the second's
+    rebaseline finding every stored prompt rescored by the first."""
     first, second = fleet.replicas
     push(first, FLEET_BASELINES)
+    stored = httpx.get(f"{second.url}/v1/baselines", timeout=30).json()["prompts"]
+    assert stored == len(FLEET_BASELINES)
+    old, old_path = active(first)["version"], Path(active(first)["path"])
+    assert active(second)["version"] == old
+    metrics_before = [rebaselined(replica) for replica in fleet.replicas]
     urls = [first.url, second.url]
-    done = models_command("load", *urls, "--path", str(models.b), "--activate", "--quiet")
-    assert done.returncode == 0, done.stderr + first.log_tail() + second.log_tail()
-    new = active(first)["version"]
+    stop = threading.Event()
+    clients = rollout_clients(fleet.replicas, stop)
+    everyone = [client for group in clients.values() for client in group]
+    for client in everyone:
+        client.start()
+    try:
+        wait_until(answered_by(everyone, old, 3), f"three answers of {old} each", first)
+        began = time.monotonic()
+        done = models_command(
+            "load", *urls, "--path", str(models.b), "--activate", "--rebaseline", "eager", "--quiet"
+        )
+        ended = time.monotonic()
+        assert done.returncode == 0, done.stderr + first.log_tail() + second.log_tail()
+        new = active(first)["version"]
+        wait_until(answered_by(everyone, new, 3), f"three answers of {new} each", second)
+    finally:
+        stop.set()
+        for client in everyone:
+            client.join(timeout=120)
+
     assert new.startswith(f"{models.a.name}@")
+    assert new != old
     assert Path(active(first)["path"]) == models.b
     assert active(second)["version"] == new
     assert all(new in line for line in done.stdout.splitlines()), done.stdout
+    # The load: zero non-2xx, each answer wholly of the version it names, on each replica.
+    paths = {old: old_path, new: models.b}
+    for client in everyone:
+        assert client.error is None, f"{client.name}: {client.error!r}"
+        assert_all_answered(client)
+        for answer in client.answers:
+            assert_scored_by(
+                answer, paths[str(answer.version)], models.reference, FLEET_POOL, FLEET_BASELINES
+            )
+    for replica in fleet.replicas:
+        during = [
+            answer
+            for client in clients[replica.url]
+            for answer in client.answers
+            if answer.sent >= began and answer.received <= ended
+        ]
+        assert len(during) >= 10, f"{replica.url}: only {len(during)} requests during the rollout"
+        assert_switched_once(clients[replica.url], old, new)
+    # One replica after the other: the second switched only after the first had.
+    first_old = [a.sent for c in clients[first.url] for a in c.answers if a.version == old]
+    second_new = [a.received for c in clients[second.url] for a in c.answers if a.version == new]
+    assert max(first_old) < min(second_new)
+    assert active(first)["activated_at"] < active(second)["activated_at"]
+
     # The first replica scored every stored response with the new version, the second none.
     scored, reused = active(first)["rebaseline"], active(second)["rebaseline"]
     assert scored is not None, "the first replica activated without an eager rebaseline"
     assert reused is not None, "the second replica activated without an eager rebaseline"
-    assert (scored["prompts_total"], scored["responses_scored"]) == (
-        len(FLEET_BASELINES),
-        len(FLEET_BASELINES) * K,
-    )
+    assert (scored["state"], reused["state"]) == ("done", "done")
+    assert (scored["prompts_total"], scored["responses_scored"]) == (stored, stored * K)
     assert scored["prompts_cached_already"] == 0
-    assert reused["prompts_cached_already"] == len(FLEET_BASELINES)
-    assert reused["responses_scored"] == 0
+    assert (reused["prompts_total"], reused["prompts_cached_already"]) == (stored, stored)
+    assert (reused["responses_scored"], reused["prompts_failed"]) == (0, 0)
+    metrics_after = [rebaselined(replica) for replica in fleet.replicas]
+    assert delta(metrics_after[0], metrics_before[0], "scored") == stored
+    assert delta(metrics_after[1], metrics_before[1], "scored") == 0
+    assert delta(metrics_after[1], metrics_before[1], "cached_already") == stored
     # Both serve it, with the baselines the first one cached.
     items = [{"prompt": s["prompt"], "response": "fleet answer"} for s in FLEET_BASELINES]
     expected = [models.reference.baseline(models.b, s) for s in FLEET_BASELINES]
-    for replica in (first, second):
+    for replica in fleet.replicas:
         results = score(replica, items)["results"]
         assert [r["baseline"] for r in results] == pytest.approx(expected, abs=TOLERANCE)
         assert {r["baseline_source"] for r in results} == {"cache"}
