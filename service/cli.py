@@ -107,7 +107,9 @@ def add_serve(serve: argparse.ArgumentParser) -> None:
     )
     serve.add_argument("--truncation", choices=["none", "left"])
     serve.add_argument(
-        "--redis-url", help="baseline store, e.g. redis://host:6379/0 (default: in-process)"
+        "--redis-url",
+        help="baseline store, e.g. redis://host:6379/0, or a Redis Cluster: "
+        "redis+cluster://host1:6379,host2:6379 (default: in-process)",
     )
     serve.add_argument("--trust-remote-code", action="store_true", default=None)
     serve.add_argument("--allow-pickle-weights", action="store_true", default=None)
