@@ -20,7 +20,7 @@ STAMP312 := $(VENV312)/.crs-installed
 # and the trainer's reward fetcher (an event loop thread of its own), torch-free as well.
 ASYNC_TESTS := tests/unit/test_batcher.py tests/unit/test_batcher_faults.py tests/unit/test_ppo_fetcher.py
 
-.PHONY: setup test lint typecheck pytest pytest312 demo clean redis-server
+.PHONY: setup test lint typecheck pytest pytest312 demo clean redis-server test-deploy
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,12 @@ test: lint typecheck pytest pytest312
 
 demo: setup
 	$(BIN)/crs-trainer demo
+
+# The image built and docker-compose.yml run for real: podman, host network, a tiny CPU model
+# (deploy/test-deploy.sh; as root on Debian, installing podman when missing). Minutes, not
+# part of `make test`.
+test-deploy: setup
+	VENV_BIN=$(abspath $(BIN)) bash deploy/test-deploy.sh
 
 clean:
 	rm -rf $(VENV) $(VENV312) .crs .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -217,6 +217,15 @@ class Settings(BaseSettings):
             return [token.strip() for token in value.split(",") if token.strip()]
         return value
 
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_admin_token_is_none(cls, value: object) -> object:
+        # An empty value (compose's ${CRS_ADMIN_TOKEN:-}, a Kubernetes Secret key left empty)
+        # means no admin plane, as an unset one does, rather than a token refused as too short.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @model_validator(mode="after")
     def _check_tokens(self) -> Settings:
         # Name the setting and the minimum, never the value: a token is a secret.

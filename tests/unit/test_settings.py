@@ -80,6 +80,14 @@ def test_short_token_error_names_the_setting_not_the_value(
     assert "zq7" not in str(refused.value)
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_admin_token_leaves_the_admin_plane_off(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("CRS_ADMIN_TOKEN", value)
+    assert Settings().admin_token is None
+
+
 def test_tokens_never_appear_in_the_logged_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CRS_API_TOKENS", "api-token-123")
     monkeypatch.setenv("CRS_ADMIN_TOKEN", "admin-token-456")
