@@ -739,12 +739,19 @@ class GatedLookups(MemoryBaselineStore):
         self.lookups_held = 0
 
     async def lookup(
-        self, prompt_ids: Sequence[str], version: str, *, with_responses: bool = False
+        self,
+        prompt_ids: Sequence[str],
+        version: str,
+        *,
+        with_responses: bool = False,
+        partial: bool = False,
     ) -> dict[str, StoredPrompt]:
         if (gate := self.lookup_gate) is not None:
             self.lookups_held += 1
             await gate.wait()
-        return await super().lookup(prompt_ids, version, with_responses=with_responses)
+        return await super().lookup(
+            prompt_ids, version, with_responses=with_responses, partial=partial
+        )
 
 
 def test_a_baseline_computed_on_the_old_version_across_the_swap_is_the_old_versions() -> None:
