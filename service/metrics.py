@@ -79,6 +79,13 @@ class Metrics:
             "lookups answered 'unavailable' without trying, in the cool-down after a failure",
             registry=r,
         )
+        self.store_node_failures = Counter(
+            "crs_store_node_failures",
+            "Redis Cluster node failures (host:port); each leaves the node's prompts "
+            "'unavailable' for CRS_STORE_COOLDOWN_S",
+            ["node"],
+            registry=r,
+        )
         self.store_corrupt_values = Counter(
             "crs_store_corrupt",
             "values in the baseline store crs did not write, met by an operation (wrong_type, "
@@ -110,6 +117,10 @@ class Metrics:
     # ... and this (service.baselines.redis_store.CorruptionObserver).
     def store_corrupt(self, reason: str) -> None:
         self.store_corrupt_values.labels(reason).inc()
+
+    # ... and this (service.baselines.redis_store.NodeFailureObserver).
+    def store_node_failed(self, node: str) -> None:
+        self.store_node_failures.labels(node).inc()
 
     def _rebaseline_metrics(self, r: CollectorRegistry) -> None:
         # No version label: versions come and go with every swap, outcomes are three.

@@ -71,6 +71,8 @@ class NodeHealth:
     """Which cluster nodes failed a moment ago (shared by a store's clients)."""
 
     cooldown_s: float
+    # Told the name (host:port) of each node that fails (the service's metrics).
+    on_down: Callable[[str], None] | None = None
     down_until: dict[str, float] = field(default_factory=dict)
 
     def cooling(self, node: ClusterNode) -> bool:
@@ -84,6 +86,8 @@ class NodeHealth:
     def down(self, node: ClusterNode, error: str) -> None:
         """Leave a failed node alone for a while: its prompts are unavailable at once."""
         self.down_until[node.name] = time.monotonic() + self.cooldown_s
+        if self.on_down is not None:
+            self.on_down(node.name)
         log.warning(
             "baseline store: Redis Cluster node %s failed (%s); its prompts are 'unavailable' "
             "for %.1f s",

@@ -152,6 +152,13 @@ class CorruptionObserver(Protocol):
     def store_corrupt(self, reason: str) -> None: ...
 
 
+@runtime_checkable
+class NodeFailureObserver(Protocol):
+    """An observer that also counts Redis Cluster node failures (the service's metrics)."""
+
+    def store_node_failed(self, node: str) -> None: ...
+
+
 def connect(settings: Settings, observer: StoreObserver) -> RedisBaselineStore:
     """A store on ``settings.redis_url`` (one Redis, or a Redis Cluster for a
     ``redis+cluster://`` URL); connections open lazily, on first use."""
@@ -231,7 +238,10 @@ class RedisBaselineStore:
         self._attempts = 1 + retries
         self._write = self._writer.register_script(WRITE_SCRIPT)
         self._corrupt_logged: set[str] = set()
-        health = NodeHealth(node_cooldown_s)
+        health = NodeHealth(
+            node_cooldown_s,
+            observer.store_node_failed if isinstance(observer, NodeFailureObserver) else None,
+        )
         self._reads = Nodes(client, health, max_operations=max_connections, wait_s=wait_s)
         self._writes = Nodes(self._writer, health, max_operations=max_connections, wait_s=wait_s)
         self._cluster = self._reads.cluster

@@ -261,6 +261,12 @@ def test_a_killed_master_costs_only_its_own_prompts(
             assert metrics.store_skipped._value.get() == 0
             # The dead master was asked once in the cool-down, not at every request.
             assert len([r for r in caplog.records if "failed (" in r.getMessage()]) == 1
+            failures = {
+                sample.labels["node"]: sample.value
+                for sample in metrics.store_node_failures.collect()[0].samples
+                if sample.name.endswith("_total")
+            }
+            assert failures == {cluster.nodes[DEAD].address: 1.0}
             # A version that never scored them: the live ones are computed and cached.
             computed = await service.resolve(prompts, LengthLease(version=V2))
             assert {p: b.source for p, b in computed.items() if p in live} == dict.fromkeys(
