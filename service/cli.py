@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from service.scoring.tiny import TINY_ARCHS
+
 log = logging.getLogger("crs.cli")
 
 # Command-line flags of `serve` and the settings field each one sets.
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve(commands.add_parser("serve", help="serve a reward model over HTTP"))
     tiny = commands.add_parser("tiny-model", help="build a small random reward model")
     tiny.add_argument("dir", type=Path, help="output directory (must be empty or absent)")
-    tiny.add_argument("--arch", choices=["llama", "bert"], default="llama")
+    tiny.add_argument("--arch", choices=TINY_ARCHS, default="llama")
     tiny.add_argument("--seed", type=int, default=0)
     add_models(commands.add_parser("models", help="list, load, activate or unload model versions"))
     return parser

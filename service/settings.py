@@ -93,6 +93,12 @@ class Settings(BaseSettings):
         le=64,
         description="forward threads sharing the device; default 1 on CUDA, 2 on a CPU",
     )
+    prefix_reuse: Literal["auto", "off"] = Field(
+        default="auto",
+        description="auto: a decoder model runs the prompt shared by several items of a batch "
+        "once and scores their responses on its cache, when a load-time check finds it scores "
+        "as the full forward does (float noise); off: every item runs in full",
+    )
     max_queue_tokens: int = Field(
         default=1_048_576, gt=0, description="tokens waiting for a batch before 429"
     )

@@ -12,6 +12,7 @@ under ``left`` only its tail, the part that can survive truncation, is tokenised
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,6 +26,7 @@ from service.scoring.types import (
     RewardInput,
 )
 from service.settings import InputFormat, Truncation
+from trainer_client.prompt_id import canonical_prompt
 
 # The most characters one token stands for in text worth scoring. Ordinary text averages 3-5
 # characters per token and code with indentation under 10; vocabulary entries are rarely
@@ -37,6 +39,7 @@ MAX_HEAD_TOKENS = 4
 # A cut through the text can change the tokens next to it (a word split in two): the tail that
 # is kept stays this many tokens clear of the cut, so it is what full tokenisation gives.
 CUT_MARGIN_TOKENS = 16
+PREFIX_KEY_CHARS = 16
 
 
 def resolve_input_format(requested: InputFormat, tokenizer: Any) -> ResolvedFormat:
@@ -147,7 +150,18 @@ class Formatter:
         encoded |= {i: self._fit_tail(rendered[i]) for i in big}
         if empty := [i for i in big if not encoded[i].input_ids]:
             raise EmptyInput(empty)
-        return [encoded[i] for i in range(len(items))]
+        return [
+            replace(encoded[i], prefix_key=self.prefix_key(item)) for i, item in enumerate(items)
+        ]
+
+    def prefix_key(self, item: RewardInput) -> str:
+        """The identity of the item's prompt as this formatter renders it: items with the same
+        prompt rendered by the same rule share it (an already formatted ``text`` item is keyed
+        by its prompt too, apart from rendered ones). It only proposes items whose forwards
+        may share their leading tokens; the tokens themselves decide what is shared."""
+        rule = "text" if item.text is not None else self.input_format
+        canonical = f"{rule}\0{canonical_prompt(item.prompt)}"
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:PREFIX_KEY_CHARS]
 
     def render(self, item: RewardInput) -> Rendered:
         """The text(s) the tokenizer gets for an item, and whether it adds special tokens."""

@@ -8,13 +8,21 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from service.scoring.formatting import Formatter, resolve_input_format
+from service.scoring.prefix import (
+    PrefixPlan,
+    attention_window,
+    fits_window,
+    plan_prefixes,
+    planned_logits,
+    probe_prefix_reuse,
+)
 from service.scoring.types import Encoded, ModelInfo, ModelLoadError
 from service.settings import Settings
 
@@ -38,6 +46,9 @@ class RewardModel:
     pad_token_id: int
     workers: WorkerPlan
     normalization: Normalization | None = None
+    # Items sharing a prompt share the forward of its tokens (service/scoring/prefix.py):
+    # decided at load, on only where a probe found it scores as the full forward does.
+    prefix_reuse: bool = False
 
     def bind_worker_thread(self) -> None:
         """Run on each device thread before its first forward: its share of the CPU cores."""
@@ -46,14 +57,36 @@ class RewardModel:
 
     def forward(self, batch: Sequence[Encoded]) -> list[float]:
         """Raw rewards (logits, no sigmoid) of one batch, with one device-to-host copy."""
-        inputs = pad_batch(batch, self.pad_token_id, self.device)
         with torch.inference_mode():
-            logits = self.model(**inputs).logits
+            logits = self._logits(batch)
         scores = logits[:, self.info.label_index].float()
         if self.normalization is not None:
             scores = (scores - self.normalization.mean) / self.normalization.std
         rewards: list[float] = scores.cpu().tolist()
         return rewards
+
+    def _logits(self, batch: Sequence[Encoded]) -> torch.Tensor:
+        """The pooled logits of a batch, in its order: grouped by shared prompt prefix where
+        that is on and pays, else one full forward."""
+        plan = self._prefix_plan(batch)
+        if plan is None:
+            return self.plain_logits(batch)
+        return planned_logits(
+            self.model, batch, plan, self.plain_logits, self.pad_token_id, self.device
+        )
+
+    def plain_logits(self, batch: Sequence[Encoded]) -> torch.Tensor:
+        """The pooled logits of one full forward over the right-padded batch."""
+        logits: torch.Tensor = self.model(**pad_batch(batch, self.pad_token_id, self.device)).logits
+        return logits
+
+    def _prefix_plan(self, batch: Sequence[Encoded]) -> PrefixPlan | None:
+        if not self.prefix_reuse or len(batch) < 2:
+            return None
+        plan = plan_prefixes(batch, self.pad_token_id)
+        if not plan.groups or not fits_window(plan, batch, attention_window(self.model.config)):
+            return None
+        return plan
 
 
 @dataclass(frozen=True)
@@ -367,7 +400,7 @@ def load_reward_model(
             "(a base model would get a random score head)"
         )
     pad_token_id = pad_id(found.tokenizer, model.config)
-    return RewardModel(
+    loaded = RewardModel(
         info=found.info,
         model=model.to(device).eval(),
         formatter=Formatter(found.tokenizer, found.info.input_format, found.info.max_input_tokens),
@@ -376,6 +409,23 @@ def load_reward_model(
         workers=plan_workers(settings.device_workers, device),
         normalization=found.normalization,
     )
+    return replace(loaded, prefix_reuse=decide_prefix_reuse(loaded, settings.prefix_reuse))
+
+
+def decide_prefix_reuse(model: RewardModel, setting: str) -> bool:
+    """``auto``: on when the probe finds grouped scores equal to full ones on this model (a
+    decoder), else off with the reason in the log; ``off``: off. Either way the scores are the
+    same function, so the choice stays out of the version."""
+    if setting == "off":
+        log.info("prefix reuse for %s: off (CRS_PREFIX_REUSE=off)", model.info.version)
+        return False
+    special = frozenset(int(t) for t in model.formatter.tokenizer.all_special_ids)
+    reason = probe_prefix_reuse(model.model, model.plain_logits, model.pad_token_id, special)
+    if reason is not None:
+        log.info("prefix reuse for %s: off, %s", model.info.version, reason)
+        return False
+    log.info("prefix reuse for %s: on (items sharing a prompt run it once)", model.info.version)
+    return True
 
 
 def pad_id(tokenizer: Any, config: Any) -> int:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-TinyArch = Literal["llama", "bert"]
+TinyArch = Literal["llama", "gpt2", "bert"]
+TINY_ARCHS: tuple[TinyArch, ...] = ("llama", "gpt2", "bert")
 
 _VOCAB_SIZE = 1024
 
@@ -87,7 +88,9 @@ def build_tiny_model(out_dir: Path, arch: TinyArch, *, seed: int = 0) -> Path:
 
     Args:
         out_dir: target directory; created if missing, refused if it exists and is non-empty.
-        arch: ``"llama"`` (byte-level BPE, chat template) or ``"bert"`` (WordPiece).
+        arch: ``"llama"`` (byte-level BPE, chat template), ``"gpt2"`` (another decoder
+            family, with learned absolute positions; the llama tokenizer) or ``"bert"``
+            (WordPiece).
         seed: seed for the random weights.
 
     Returns:
@@ -96,12 +99,15 @@ def build_tiny_model(out_dir: Path, arch: TinyArch, *, seed: int = 0) -> Path:
     Raises:
         ValueError: if ``arch`` is unknown or ``out_dir`` exists and is not empty.
     """
-    if arch not in ("llama", "bert"):
-        raise ValueError(f"unknown tiny model arch {arch!r}; expected 'llama' or 'bert'")
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown tiny model arch {arch!r}; expected one of {TINY_ARCHS}")
     _prepare_out_dir(out_dir)
     if arch == "llama":
         tokenizer = _llama_tokenizer()
         _save_model(lambda: _llama_model(tokenizer), out_dir, seed)
+    elif arch == "gpt2":
+        tokenizer = _llama_tokenizer()
+        _save_model(lambda: _gpt2_model(tokenizer), out_dir, seed)
     else:
         tokenizer = _bert_tokenizer()
         _save_model(lambda: _bert_model(tokenizer), out_dir, seed)
@@ -242,6 +248,27 @@ def _llama_model(tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
         eos_token_id=tokenizer.eos_token_id,
     )
     return LlamaForSequenceClassification(config)  # type: ignore[no-untyped-call]
+
+
+def _gpt2_model(tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    shared = _shared_config(tokenizer)
+    # GPT-2 names its sizes n_*; the shared sizes, under its names.
+    config = GPT2Config(
+        vocab_size=shared["vocab_size"],
+        n_embd=shared["hidden_size"],
+        n_inner=shared["intermediate_size"],
+        n_layer=shared["num_hidden_layers"],
+        n_head=shared["num_attention_heads"],
+        n_positions=2048,
+        id2label=shared["id2label"],
+        label2id=shared["label2id"],
+        pad_token_id=shared["pad_token_id"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return GPT2ForSequenceClassification(config)
 
 
 def _bert_model(tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:

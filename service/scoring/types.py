@@ -29,6 +29,9 @@ class Encoded:
     input_ids: list[int]
     token_type_ids: list[int] | None
     truncated: bool
+    # The identity of the item's prompt as rendered: items sharing it may share the forward
+    # of their common leading tokens (service/scoring/prefix.py); None shares nothing.
+    prefix_key: str | None = None
 
     @property
     def length(self) -> int:

@@ -1,0 +1,271 @@
+"""Prompt-prefix reuse: items of one batch that share a prompt run its tokens once.
+
+PPO workloads score one prompt many times (GRPO's n completions, a baseline's k responses), and
+prompts are often longer than responses. For a causal decoder the hidden states of the leading
+tokens do not depend on what follows them, so the batch's items are grouped by their prompt
+(``Encoded.prefix_key``) and within a group by the tokens they share:
+
+1. one forward over the groups' shared prefixes (right padded) fills a key/value cache;
+2. the cache is expanded to the members (the cache's own batch re-indexing);
+3. one forward over the members' own tokens (right padded), at the positions they have in the
+   full sequence, attends to their group's prefix through that cache.
+
+The reward is read at the token the full forward pools at (the last one that is not the padding
+id): the prefix is capped before it, so the model's own pooling over the suffix finds the same
+token. Items without a group run the ordinary full forward in the same batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+
+from service.scoring.types import Encoded
+
+log = logging.getLogger("crs.prefix")
+
+# Below this a shared prefix saves less than the extra forward costs.
+MIN_PREFIX_TOKENS = 16
+# The load-time check: how far grouped scores may be from full-forward ones, per dtype, scaled
+# by the scores' magnitude when above 1. Different kernels (attention over a cache) round
+# differently; an encoder's bidirectional attention differs by far more.
+PROBE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+PROBE_PREFIX_TOKENS = (24, 40)
+PROBE_SUFFIX_TOKENS = ((1, 5, 9), (3, 17))
+PROBE_SEED = 0
+
+PlainLogits = Callable[[Sequence[Encoded]], torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixGroup:
+    """Batch items (their indices) that share their first ``prefix_len`` tokens."""
+
+    members: tuple[int, ...]
+    prefix_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixPlan:
+    """How one batch runs: groups sharing a prefix, and the items that run in full."""
+
+    groups: tuple[PrefixGroup, ...]
+    plain: tuple[int, ...]
+
+
+def pool_index(input_ids: Sequence[int], pad_token_id: int) -> int:
+    """Where a sequence classifier reads a right-padded row's reward: its last token that is
+    not the padding id (0 when every token is), as transformers' decoder classifiers do."""
+    for index in range(len(input_ids) - 1, -1, -1):
+        if input_ids[index] != pad_token_id:
+            return index
+    return 0
+
+
+def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    """The number of leading tokens that every row has in common."""
+    shortest = min(len(row) for row in rows)
+    first = rows[0]
+    for index in range(shortest):
+        token = first[index]
+        if any(row[index] != token for row in rows):
+            return index
+    return shortest
+
+
+def plan_prefixes(
+    batch: Sequence[Encoded], pad_token_id: int, min_prefix: int = MIN_PREFIX_TOKENS
+) -> PrefixPlan:
+    """Group items by prompt, then by their first ``min_prefix`` tokens (a left-truncated item
+    of the same prompt starts otherwise); a group of two or more shares the longest prefix all
+    its members have, ending before any member's pooled token, if that is ``min_prefix`` long.
+    Everything else runs in full."""
+    candidates: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+    plain: list[int] = []
+    for index, item in enumerate(batch):
+        if item.prefix_key is None or item.token_type_ids is not None or item.length <= min_prefix:
+            plain.append(index)
+            continue
+        head = (item.prefix_key, tuple(item.input_ids[:min_prefix]))
+        candidates.setdefault(head, []).append(index)
+    groups: list[PrefixGroup] = []
+    for members in candidates.values():
+        shared = _shared_len([batch[i].input_ids for i in members], pad_token_id)
+        if len(members) >= 2 and shared >= min_prefix:
+            groups.append(PrefixGroup(members=tuple(members), prefix_len=shared))
+        else:
+            plain.extend(members)
+    return PrefixPlan(groups=tuple(groups), plain=tuple(sorted(plain)))
+
+
+def _shared_len(rows: Sequence[Sequence[int]], pad_token_id: int) -> int:
+    # Capped so that every member's pooled token (hence at least one own token) is its own.
+    return min(common_prefix_len(rows), *(pool_index(row, pad_token_id) for row in rows))
+
+
+def fits_window(plan: PrefixPlan, batch: Sequence[Encoded], window: int | None) -> bool:
+    """Whether the grouped forward stays inside a sliding attention window: the cache is as
+    long as the longest prefix, so a shorter prefix's suffix sits further from its prefix in
+    the cache than in its own sequence, which only a window can tell apart."""
+    if window is None or not plan.groups:
+        return True
+    longest_prefix = max(group.prefix_len for group in plan.groups)
+    longest_suffix = max(
+        batch[i].length - group.prefix_len for group in plan.groups for i in group.members
+    )
+    return longest_prefix + longest_suffix <= window
+
+
+def attention_window(config: Any) -> int | None:
+    """The sliding attention window a decoder config declares (None: full attention)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    if window is None or getattr(text, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
+def cache_argument(model: Any) -> str | None:
+    """The name under which a model's forward takes a key/value cache (transformers 5 renamed
+    ``past_key_values`` to ``cache``); None when it takes none (encoders)."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def right_pad(
+    rows: Sequence[Sequence[int]], pad_token_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of right-padded rows, on ``device``."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[index, : len(row)] = 1
+    return (
+        input_ids.to(device, non_blocking=True),
+        attention_mask.to(device, non_blocking=True),
+    )
+
+
+def grouped_logits(
+    model: Any,
+    batch: Sequence[Encoded],
+    groups: Sequence[PrefixGroup],
+    pad_token_id: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The pooled logits of the groups' members (in group, then member order): one forward
+    over the prefixes, one over the members' own tokens on the expanded cache."""
+    from transformers import DynamicCache
+
+    argument = cache_argument(model)
+    if argument is None:
+        raise TypeError(f"{type(model).__name__}.forward takes no key/value cache")
+    prefixes = [batch[group.members[0]].input_ids[: group.prefix_len] for group in groups]
+    prefix_ids, prefix_mask = right_pad(prefixes, pad_token_id, device)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True, **{argument: cache})
+
+    owners = [n for n, group in enumerate(groups) for _ in group.members]
+    owner = torch.tensor(owners, dtype=torch.long, device=device)
+    cache.reorder_cache(
+        cast(torch.LongTensor, owner)
+    )  # each member gets a copy of its group's prefix
+    suffixes = [batch[i].input_ids[group.prefix_len :] for group in groups for i in group.members]
+    suffix_ids, suffix_mask = right_pad(suffixes, pad_token_id, device)
+    lengths = torch.tensor([g.prefix_len for g in groups for _ in g.members], device=device)
+    steps = torch.arange(suffix_ids.shape[1], device=device)
+    # Real tokens sit where they sit in the full sequence; padding gets position 0, which
+    # every position table has (nothing real attends to it: it comes after the real tokens).
+    positions = torch.where(suffix_mask.bool(), lengths[:, None] + steps[None, :], 0)
+    output = model(
+        input_ids=suffix_ids,
+        attention_mask=torch.cat([prefix_mask[owner], suffix_mask], dim=1),
+        position_ids=positions,
+        use_cache=True,
+        **{argument: cache},
+    )
+    logits: torch.Tensor = output.logits
+    return logits
+
+
+def planned_logits(
+    model: Any,
+    batch: Sequence[Encoded],
+    plan: PrefixPlan,
+    plain_logits: PlainLogits,
+    pad_token_id: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The pooled logits of every item of ``batch``, in its order, as ``plan`` runs them."""
+    grouped = grouped_logits(model, batch, plan.groups, pad_token_id, device)
+    order = [i for group in plan.groups for i in group.members]
+    logits = grouped.new_empty((len(batch), grouped.shape[1]))
+    logits[torch.tensor(order, device=device)] = grouped
+    if plan.plain:
+        plain = plain_logits([batch[i] for i in plan.plain])
+        logits[torch.tensor(plan.plain, device=device)] = plain.to(logits.dtype)
+    return logits
+
+
+def probe_batch(vocab_size: int, avoid: frozenset[int]) -> list[Encoded]:
+    """Random token sequences in groups sharing a prefix (one of them one token longer than
+    the prefix), keyed as one prompt per group, and one item of its own."""
+    rng = random.Random(PROBE_SEED)
+    tokens = [t for t in range(vocab_size) if t not in avoid]
+
+    def draw(count: int) -> list[int]:
+        return [rng.choice(tokens) for _ in range(count)]
+
+    batch = []
+    for group, (prefix_len, suffix_lens) in enumerate(
+        zip(PROBE_PREFIX_TOKENS, PROBE_SUFFIX_TOKENS, strict=True)
+    ):
+        prefix = draw(prefix_len)
+        batch += [
+            Encoded(
+                input_ids=prefix + draw(n),
+                token_type_ids=None,
+                truncated=False,
+                prefix_key=f"{group}",
+            )
+            for n in suffix_lens
+        ]
+    batch.append(Encoded(input_ids=draw(30), token_type_ids=None, truncated=False, prefix_key="x"))
+    return batch
+
+
+def probe_prefix_reuse(
+    model: Any, plain_logits: PlainLogits, pad_token_id: int, avoid: frozenset[int]
+) -> str | None:
+    """Why prefix reuse is not exact for ``model`` (None when it is): it must take a cache and
+    score random sequences sharing a prefix as the full forward does, within the tolerance of
+    its dtype. Any failure is a reason, never an error: the full forward always works."""
+    if cache_argument(model) is None:
+        return f"{type(model).__name__} takes no key/value cache (not a decoder)"
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "an encoder-decoder model"
+    device = next(model.parameters()).device
+    batch = probe_batch(model.get_input_embeddings().num_embeddings, avoid | {pad_token_id})
+    plan = plan_prefixes(batch, pad_token_id)
+    if not plan.groups:
+        return "the probe batch formed no prefix group"
+    try:
+        with torch.inference_mode():
+            full = plain_logits(batch).float()
+            grouped = planned_logits(model, batch, plan, plain_logits, pad_token_id, device)
+    except Exception as exc:  # any failure means: run everything in full
+        return f"the grouped forward failed: {type(exc).__name__}: {exc}"
+    dtype = next(model.parameters()).dtype
+    tolerance = PROBE_TOLERANCE.get(dtype, 1e-3) * max(1.0, float(full.abs().max()))
+    error = float((grouped.float() - full).abs().max())
+    if not error <= tolerance:  # also catches NaN
+        return f"grouped scores differ from full ones by {error:.3g} (tolerance {tolerance:.3g})"
+    return None
