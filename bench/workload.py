@@ -1,9 +1,16 @@
 """Deterministic benchmark items whose lengths are measured in the model's own tokens.
 
-Prompt lengths are uniform in 64-512 tokens and response lengths uniform in 32-512 tokens, as
-PPO rollouts of a chat model roughly are. Text is drawn from a fixed word list; each word's token
-cost is measured once, texts are assembled to the target cost, then tokenized in one batch and
-corrected word by word until every count is within a few tokens of its target.
+Two shapes:
+
+- ``make_items`` (the PPO shape): every item has a prompt of its own, uniform in 64-512 tokens,
+  and a response uniform in 32-512 tokens, as PPO rollouts of a chat model roughly are;
+- ``make_grpo_items`` (the GRPO shape): P prompts of 256-512 tokens, each answered by n
+  completions of 32-160 tokens (on average the prompt is 4x as long as a response), as GRPO
+  samples n completions per prompt and scores them together.
+
+Text is drawn from a fixed word list; each word's token cost is measured once, texts are
+assembled to the target cost, then tokenized in one batch and corrected word by word until every
+count is within a few tokens of its target.
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ from typing import Any
 
 PROMPT_TOKENS = (64, 512)
 RESPONSE_TOKENS = (32, 512)
+# GRPO: the mean prompt (384) is 4x the mean response (96).
+GRPO_PROMPT_TOKENS = (256, 512)
+GRPO_RESPONSE_TOKENS = (32, 160)
 TOLERANCE = 2
 MAX_ROUNDS = 20
 
@@ -64,6 +74,45 @@ def make_items(
         {"prompt": prompt, "response": response}
         for prompt, response in zip(prompts, responses, strict=True)
     ]
+
+
+def make_grpo_items(
+    tokenizer: Any,
+    prompts: int,
+    completions: int,
+    *,
+    seed: int = 0,
+    prompt_tokens: tuple[int, int] = GRPO_PROMPT_TOKENS,
+    response_tokens: tuple[int, int] = GRPO_RESPONSE_TOKENS,
+    tolerance: int = TOLERANCE,
+) -> list[dict[str, str]]:
+    """``prompts * completions`` items, prompt by prompt: item ``p * completions + j`` is the
+    j-th completion of prompt p, every completion a different text. The same seed and tokenizer
+    give the same items."""
+    rng = random.Random(seed)
+    prompt_targets = [rng.randint(*prompt_tokens) for _ in range(prompts)]
+    response_targets = [rng.randint(*response_tokens) for _ in range(prompts * completions)]
+    writer = TextWriter(tokenizer, rng, tolerance)
+    prompt_texts = writer.texts(prompt_targets)
+    responses = writer.texts(response_targets)
+    return [
+        {"prompt": prompt_texts[index // completions], "response": response}
+        for index, response in enumerate(responses)
+    ]
+
+
+def length_stats(tokenizer: Any, items: Sequence[dict[str, str]]) -> dict[str, float]:
+    """Mean prompt and response tokens over the items (a prompt counts once per item that
+    carries it) and their ratio, as measured by the tokenizer."""
+    prompts = token_counts(tokenizer, [item["prompt"] for item in items])
+    responses = token_counts(tokenizer, [item["response"] for item in items])
+    prompt_mean = sum(prompts) / len(prompts) if prompts else 0.0
+    response_mean = sum(responses) / len(responses) if responses else 0.0
+    return {
+        "prompt_tokens_mean": round(prompt_mean, 1),
+        "response_tokens_mean": round(response_mean, 1),
+        "prompt_to_response_ratio": round(prompt_mean / response_mean, 2) if response_mean else 0.0,
+    }
 
 
 def token_counts(tokenizer: Any, texts: Sequence[str]) -> list[int]:

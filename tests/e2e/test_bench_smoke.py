@@ -1,5 +1,6 @@
 """The benchmarks run end to end: every throughput mode scores the same tokens, passes
-alternate, and the baselines benchmark sees cache hits.
+alternate, the GRPO workload's reuse modes score as the others do, and the baselines
+benchmark sees cache hits.
 
 It measures nothing here (benchmarks never assert a time); it keeps the script working."""
 
@@ -36,6 +37,54 @@ def test_throughput_benchmark_runs_all_modes(tiny_llama: Path, tmp_path: Path) -
     assert all(run["items"] == 24 and run["failures"] == 0 for run in runs.values())
     assert all(len(run["passes_items_per_s"]) == 2 for run in runs.values())
     assert len(runs["service/1-item c=4"]["pass_ratios_to_bare"]) == 2
+    assert report["summary"] in done.stdout
+
+
+def test_throughput_grpo_workload_compares_prefix_reuse(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "throughput-grpo.json"
+    command = [
+        sys.executable, str(BENCH / "throughput.py"), "--model", str(tiny_llama),
+        "--workload", "grpo", "--prompts", "3", "--completions", "4",
+        "--prompt-tokens", "64", "128", "--response-tokens", "16", "32",
+        "--concurrency", "2", "--warmup", "4", "--passes", "2", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["valid"] is True
+    assert report["workload"]["kind"] == "grpo"
+    assert report["workload"]["items"] == 12
+    assert report["workload"]["prompt_to_response_ratio"] > 1
+    runs = {run["label"]: run for run in report["runs"]}
+    assert set(runs) == {
+        "bare",
+        "bare-reuse",
+        "crs/4-item c=2",
+        "crs/1-item c=2",
+        "crs-reuse/4-item c=2",
+        "crs-reuse/1-item c=2",
+    }
+    # Every mode scored the same tokens, and each ran with reuse as its name says.
+    assert len({run["tokens"] for run in runs.values()}) == 1
+    assert all(run["items"] == 12 and len(run["passes_items_per_s"]) == 2 for run in runs.values())
+    assert {label: run["prefix_reuse"] for label, run in runs.items()} == {
+        label: label.startswith(("bare-reuse", "crs-reuse")) for label in runs
+    }
+    ratios = {(item["ratio"], item["of"]) for item in report["reuse_ratios"]}
+    assert ratios == {
+        ("bare-reuse/bare", "bare-reuse"),
+        ("crs-reuse/crs", "crs-reuse/4-item c=2"),
+        ("crs-reuse/crs", "crs-reuse/1-item c=2"),
+        ("crs-reuse/bare", "crs-reuse/4-item c=2"),
+        ("crs-reuse/bare", "crs-reuse/1-item c=2"),
+    }
+    equality = report["score_equality"]
+    assert equality["bare"]["items"] == equality["crs"]["items"] == 12
+    # Reuse is the same function: float32 rounding apart, the same rewards.
+    assert 0 <= equality["max_abs_diff"] < 1e-4
+    assert equality["max_abs_diff"] == max(
+        equality["bare"]["max_abs_diff"], equality["crs"]["max_abs_diff"]
+    )
     assert report["summary"] in done.stdout
 
 
