@@ -8,6 +8,11 @@ budget allows counted with padding. So the device never waits for the event loop
 batch is formed from everything that arrived while the previous one ran. A GPU has one device
 thread; a CPU may have several, each running its own batches on its share of the cores.
 
+When the model runs a prompt shared by several items once (``group_prefixes``), a batch is
+formed around the oldest item's prompt instead, if more of its items wait: all of them, then
+the other prompts with two or more items waiting, oldest first, each prompt counted once in
+the budget (``service/scoring/grouping.py``). A lone item still gets the length-sorted window.
+
 No exception ends a device thread: a failed forward is retried by halves, so only the requests
 of the items that fail again fail, and a fault in forming a batch fails only the request it was
 formed around. A thread that dies anyway (its ``worker_init`` failed, or a ``BaseException``) is
@@ -25,10 +30,11 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from service.scoring.grouping import GroupedCost
 from service.scoring.types import Encoded
 
 log = logging.getLogger("crs.batcher")
@@ -184,7 +190,12 @@ class Batcher:
     min_efficiency: float = 0.0
     workers: int = 1
     worker_init: Callable[[], None] | None = None
+    # The forward runs a prompt shared by several items once (RewardModel.prefix_reuse): a
+    # batch is then formed around the oldest item's prompt group (see _grouped_batch).
+    group_prefixes: bool = False
     _sorted: list[_Item] = field(default_factory=list)
+    # prefix_key -> its queued items by arrival number (only with group_prefixes).
+    _by_prefix: dict[str, dict[int, _Item]] = field(default_factory=dict)
     _arrivals: deque[_Item] = field(default_factory=deque)
     _queued_tokens: int = 0
     _arrival_number: int = 0
@@ -270,6 +281,8 @@ class Batcher:
                 queued = _Item((item.length, self._arrival_number), item, request, index)
                 bisect.insort(self._sorted, queued, key=_key)
                 self._arrivals.append(queued)
+                if self.group_prefixes and item.prefix_key is not None:
+                    self._by_prefix.setdefault(item.prefix_key, {})[queued.key[1]] = queued
                 self._queued_tokens += item.length
             self._queue_changed()
             self._changed.notify_all()
@@ -418,6 +431,7 @@ class Batcher:
                         item.queued = False
                     self._sorted.clear()
                     self._arrivals.clear()
+                    self._by_prefix.clear()
                     self._queued_tokens = 0
                     self._queue_changed()
                 for owner in owners:
@@ -458,19 +472,54 @@ class Batcher:
         if not self._sorted:
             return None
         oldest = self._oldest()
-        window = self._window(oldest)
-        whole_queue = window.low == 0 and window.high == len(self._sorted)
-        if whole_queue and not window.budget_full:
+        batch, budget_full = self._grouped_batch(oldest) or self._windowed_batch(oldest)
+        if len(batch) == len(self._sorted) and not budget_full:
             # A small batch waits a moment for company, from its oldest item's arrival.
             waited = now - oldest.owner.enqueued_at
             if waited < self.batch_wait_s:
                 return self.batch_wait_s - waited
-        batch = self._sorted[window.low : window.high]
         for item in batch:
             self._unqueue(item)
         self._queue_changed()
         _observe(self.observer.items_waited, [now - item.owner.enqueued_at for item in batch])
         return batch
+
+    def _windowed_batch(self, anchor: _Item) -> tuple[list[_Item], bool]:
+        """The window of the length-sorted queue around ``anchor``, and whether the budget
+        stopped its growth."""
+        window = self._window(anchor)
+        return self._sorted[window.low : window.high], window.budget_full
+
+    def _grouped_batch(self, anchor: _Item) -> tuple[list[_Item], bool] | None:
+        """With prefix grouping, the batch formed around ``anchor``'s prompt group: its queued
+        items, then those of the other groups of two or more (oldest first), as many as the
+        budget holds with each group's shared prompt counted once; and whether the budget
+        stopped it. None when ``anchor`` has no queued group mate (the window then serves)."""
+        key = anchor.encoded.prefix_key
+        if not self.group_prefixes or key is None or len(self._by_prefix.get(key, ())) < 2:
+            return None
+        cost = GroupedCost(self.max_batch_tokens)
+        batch: list[_Item] = []
+        for item in self._group_mates_oldest_first(key):
+            if not cost.fits(item.encoded):
+                return batch, True
+            cost.add(item.encoded)
+            batch.append(item)
+        return batch, False
+
+    def _group_mates_oldest_first(self, first_key: str) -> Iterator[_Item]:
+        """The queued items of ``first_key``'s group, then of every other group of two or
+        more in the order their oldest items arrived, each group in arrival order."""
+        yield from self._by_prefix[first_key].values()
+        seen = {first_key}
+        for item in self._arrivals:
+            key = item.encoded.prefix_key
+            if not item.queued or key is None or key in seen:
+                continue
+            seen.add(key)
+            mates = self._by_prefix.get(key, {})
+            if len(mates) >= 2:
+                yield from mates.values()
 
     def _oldest(self) -> _Item:
         while not self._arrivals[0].queued:
@@ -529,6 +578,10 @@ class Batcher:
         position = bisect.bisect_left(self._sorted, item.key, key=_key)
         del self._sorted[position]
         item.queued = False
+        if (key := item.encoded.prefix_key) is not None and (mates := self._by_prefix.get(key)):
+            mates.pop(item.key[1], None)
+            if not mates:
+                del self._by_prefix[key]
         self._queued_tokens -= item.encoded.length
 
     def _queue_changed(self) -> None:

@@ -183,6 +183,7 @@ class HFRewardEngine:
             observer=self._observer,
             workers=model.workers.workers,
             worker_init=model.bind_worker_thread,
+            group_prefixes=model.prefix_reuse,
         )
 
     async def astop(self) -> None:

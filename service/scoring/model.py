@@ -19,6 +19,7 @@ from service.scoring.prefix import (
     PrefixPlan,
     attention_window,
     fits_window,
+    pays,
     plan_prefixes,
     planned_logits,
     probe_prefix_reuse,
@@ -84,7 +85,9 @@ class RewardModel:
         if not self.prefix_reuse or len(batch) < 2:
             return None
         plan = plan_prefixes(batch, self.pad_token_id)
-        if not plan.groups or not fits_window(plan, batch, attention_window(self.model.config)):
+        if not plan.groups or not pays(plan, batch):
+            return None
+        if not fits_window(plan, batch, attention_window(self.model.config)):
             return None
         return plan
 
@@ -400,6 +403,10 @@ def load_reward_model(
             "(a base model would get a random score head)"
         )
     pad_token_id = pad_id(found.tokenizer, model.config)
+    # A decoder builds a key/value cache it is never asked for unless told not to: scoring
+    # needs one only for prefix reuse, which asks for it.
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False
     loaded = RewardModel(
         info=found.info,
         model=model.to(device).eval(),

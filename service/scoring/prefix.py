@@ -26,12 +26,11 @@ from typing import Any, cast
 
 import torch
 
+from service.scoring.grouping import MIN_PREFIX_TOKENS, common_prefix_len
 from service.scoring.types import Encoded
 
 log = logging.getLogger("crs.prefix")
 
-# Below this a shared prefix saves less than the extra forward costs.
-MIN_PREFIX_TOKENS = 16
 # The load-time check: how far grouped scores may be from full-forward ones, per dtype, scaled
 # by the scores' magnitude when above 1. Different kernels (attention over a cache) round
 # differently; an encoder's bidirectional attention differs by far more.
@@ -68,17 +67,6 @@ def pool_index(input_ids: Sequence[int], pad_token_id: int) -> int:
     return 0
 
 
-def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
-    """The number of leading tokens that every row has in common."""
-    shortest = min(len(row) for row in rows)
-    first = rows[0]
-    for index in range(shortest):
-        token = first[index]
-        if any(row[index] != token for row in rows):
-            return index
-    return shortest
-
-
 def plan_prefixes(
     batch: Sequence[Encoded], pad_token_id: int, min_prefix: int = MIN_PREFIX_TOKENS
 ) -> PrefixPlan:
@@ -107,6 +95,26 @@ def plan_prefixes(
 def _shared_len(rows: Sequence[Sequence[int]], pad_token_id: int) -> int:
     # Capped so that every member's pooled token (hence at least one own token) is its own.
     return min(common_prefix_len(rows), *(pool_index(row, pad_token_id) for row in rows))
+
+
+def planned_tokens(plan: PrefixPlan, batch: Sequence[Encoded]) -> int:
+    """Tokens the grouped forward computes, padding included: the prefixes padded to the
+    longest, the members' own tokens padded to the longest own part, the rest in full."""
+    prefix = max((group.prefix_len for group in plan.groups), default=0)
+    own = max(
+        (batch[i].length - group.prefix_len for group in plan.groups for i in group.members),
+        default=0,
+    )
+    members = sum(len(group.members) for group in plan.groups)
+    plain = max((batch[i].length for i in plan.plain), default=0) * len(plan.plain)
+    return len(plan.groups) * prefix + members * own + plain
+
+
+def pays(plan: PrefixPlan, batch: Sequence[Encoded]) -> bool:
+    """Whether the grouped forward computes fewer tokens than one full forward of the batch:
+    prompts of different lengths can pad to more (a long prompt's prefix and a short one's
+    long own part), and the batch's budget was counted for the full forward."""
+    return planned_tokens(plan, batch) < len(batch) * max(item.length for item in batch)
 
 
 def fits_window(plan: PrefixPlan, batch: Sequence[Encoded], window: int | None) -> bool:

@@ -7,16 +7,20 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from service.scoring.grouping import MIN_PREFIX_TOKENS
 from service.scoring.model import RewardModel, identify_model, load_reward_model
 from service.scoring.prefix import (
-    MIN_PREFIX_TOKENS,
     PrefixPlan,
     attention_window,
     fits_window,
+    pays,
     plan_prefixes,
+    planned_logits,
+    planned_tokens,
 )
 from service.scoring.types import Encoded, RewardInput
 from service.settings import Settings
@@ -40,6 +44,17 @@ def llama(tiny_llama: Path) -> RewardModel:
 def full_forward(model: RewardModel, batch: list[Encoded]) -> list[float]:
     """Today's path: one full forward over the right-padded batch."""
     return replace(model, prefix_reuse=False).forward(batch)
+
+
+def grouped_forward(model: RewardModel, batch: list[Encoded]) -> list[float]:
+    """The grouped path whether or not it pays for this batch."""
+    plan = plan_prefixes(batch, model.pad_token_id)
+    with torch.inference_mode():
+        logits = planned_logits(
+            model.model, batch, plan, model.plain_logits, model.pad_token_id, model.device
+        )
+    rewards: list[float] = logits[:, model.info.label_index].float().tolist()
+    return rewards
 
 
 def tokens(rng: random.Random, model: RewardModel, count: int) -> list[int]:
@@ -138,7 +153,37 @@ def test_random_group_shapes_score_as_full_forward(
         prefix = tokens(rng, llama, prefix_len)
         batch += [item(prefix + tokens(rng, llama, n), f"g{group}") for n in own]
     batch = rng.sample(batch, len(batch))
-    assert llama.forward(batch) == pytest.approx(full_forward(llama, batch), abs=TOLERANCE)
+    full = full_forward(llama, batch)
+    assert llama.forward(batch) == pytest.approx(full, abs=TOLERANCE)
+    if plan_prefixes(batch, llama.pad_token_id).groups:
+        assert grouped_forward(llama, batch) == pytest.approx(full, abs=TOLERANCE)
+
+
+def test_planned_tokens_count_each_part_padded(llama: RewardModel) -> None:
+    rng = random.Random(6)
+    long_prompt, short_prompt = tokens(rng, llama, 50), tokens(rng, llama, 20)
+    batch = [item(long_prompt + tokens(rng, llama, n), "long") for n in (3, 9)]
+    batch += [item(short_prompt + tokens(rng, llama, n), "short") for n in (4, 30)]
+    batch.append(item(tokens(rng, llama, 44), None))
+    plan = plan_prefixes(batch, llama.pad_token_id)
+    # Prefixes 2 x 50, own parts 4 x 30 (the longest), the keyless one 1 x 44.
+    assert planned_tokens(plan, batch) == 2 * 50 + 4 * 30 + 44
+    assert pays(plan, batch)  # a full forward pads all 5 to 59 tokens: 295
+
+
+def test_a_batch_that_grouping_would_pad_to_more_runs_in_full(llama: RewardModel) -> None:
+    # Every item has 62 tokens, but one prompt's prefix is long and the other's own parts are:
+    # grouped, 2 x 60 + 4 x 46 = 304 tokens against 4 x 62 = 248 in full.
+    rng = random.Random(7)
+    long_prompt, short_prompt = tokens(rng, llama, 60), tokens(rng, llama, 16)
+    batch = [item(long_prompt + tokens(rng, llama, 2), "long") for _ in range(2)]
+    batch += [item(short_prompt + tokens(rng, llama, 46), "short") for _ in range(2)]
+    plan = plan_prefixes(batch, llama.pad_token_id)
+    assert len(plan.groups) == 2
+    assert planned_tokens(plan, batch) == 304
+    assert not pays(plan, batch)
+    assert llama._prefix_plan(batch) is None
+    assert llama._prefix_plan(batch[:2]) == PrefixPlan(groups=plan.groups[:1], plain=())
 
 
 def grpo_items(prompts: int, n: int) -> list[RewardInput]:

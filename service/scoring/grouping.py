@@ -1,0 +1,122 @@
+"""What a batch costs when its items that share a prompt run the prompt once (no torch here).
+
+The batcher forms batches with this (its tests run without torch); the forward's own plan is
+``service/scoring/prefix.py``. A grouped forward runs in two parts, each right padded: the
+groups' shared prefixes, padded to the longest, then every member's own tokens, padded to the
+longest of those, attending to an expanded copy of its group's prefix. Items without a group
+run in full, padded to the longest of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from service.scoring.types import Encoded
+
+# Below this a shared prefix saves less than the extra forward costs.
+MIN_PREFIX_TOKENS = 16
+# The expanded prefix cache (members x longest prefix) may hold this many times the token budget:
+# a member's copy of its prompt's keys and values stays for the whole forward, where a full
+# forward's activations only live for one layer.
+EXPANDED_CACHE_FACTOR = 2
+
+
+def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    """The number of leading tokens that every row has in common."""
+    shortest = min(len(row) for row in rows)
+    first = rows[0]
+    for index in range(shortest):
+        token = first[index]
+        if any(row[index] != token for row in rows):
+            return index
+    return shortest
+
+
+@dataclass(slots=True)
+class _Group:
+    """The members of one prompt so far: the first one's tokens, and the tokens all share
+    (short of every member's last token, which must be its own)."""
+
+    first: Sequence[int]
+    shared: int
+    members: int = 1
+    longest: int = 0
+
+    @property
+    def grouped(self) -> bool:
+        return self.members >= 2 and self.shared >= MIN_PREFIX_TOKENS
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """Tokens a batch computes, and the tokens its expanded prefix cache holds."""
+
+    computed: int
+    expanded: int
+
+
+@dataclass
+class GroupedCost:
+    """The cost of a batch as items are added to it, with items of one ``prefix_key`` sharing
+    their common leading tokens."""
+
+    max_batch_tokens: int
+    _groups: dict[str, _Group] = field(default_factory=dict)
+    _plain: list[int] = field(default_factory=list)  # lengths of items without a prompt key
+
+    @property
+    def items(self) -> int:
+        return len(self._plain) + sum(group.members for group in self._groups.values())
+
+    def fits(self, item: Encoded) -> bool:
+        """Whether the batch with ``item`` added stays within the budget (an empty batch takes
+        anything, so an item longer than the budget still runs)."""
+        if not self.items:
+            return True
+        cost = self._with(item)
+        return (
+            cost.computed <= self.max_batch_tokens
+            and cost.expanded <= EXPANDED_CACHE_FACTOR * self.max_batch_tokens
+        )
+
+    def add(self, item: Encoded) -> None:
+        key = item.prefix_key
+        if key is None or item.token_type_ids is not None:
+            self._plain.append(item.length)
+            return
+        group = self._groups.get(key)
+        if group is None:
+            self._groups[key] = _Group(item.input_ids, item.length - 1, longest=item.length)
+            return
+        group.shared = min(group.shared, item.length - 1, _shared(group.first, item.input_ids))
+        group.members += 1
+        group.longest = max(group.longest, item.length)
+
+    def cost(self) -> Cost:
+        """What the batch as it stands computes."""
+        grouped = [group for group in self._groups.values() if group.grouped]
+        lone = [group for group in self._groups.values() if not group.grouped]
+        # Items that run in full are padded to the longest of them.
+        plain = len(self._plain) + sum(group.members for group in lone)
+        plain_width = max([*self._plain, *(group.longest for group in lone)], default=0)
+        prefix = max((group.shared for group in grouped), default=0)
+        suffix = max((group.longest - group.shared for group in grouped), default=0)
+        members = sum(group.members for group in grouped)
+        return Cost(
+            computed=len(grouped) * prefix + members * suffix + plain * plain_width,
+            expanded=members * prefix,
+        )
+
+    def _with(self, item: Encoded) -> Cost:
+        trial = GroupedCost(self.max_batch_tokens, dict(self._groups), list(self._plain))
+        key = item.prefix_key
+        if key is not None and key in trial._groups:
+            group = trial._groups[key]
+            trial._groups[key] = _Group(group.first, group.shared, group.members, group.longest)
+        trial.add(item)
+        return trial.cost()
+
+
+def _shared(first: Sequence[int], other: Sequence[int]) -> int:
+    return common_prefix_len((first, other))
