@@ -30,12 +30,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
-from service.api.auth import require_api_token
-from service.api.deps import Services, ServicesDep, parse_body, take_lease
+from service.api.auth import check_api_token
+from service.api.deps import Services, parse_body, services_of, take_lease
 from service.api.disconnect import unless_disconnected
 from service.api.errors import ServiceError
 from service.api.openapi import json_body
@@ -49,19 +49,11 @@ from trainer_client.prompt_id import prompt_id
 
 log = logging.getLogger("crs.api.compat")
 
-router = APIRouter(dependencies=[Depends(require_api_token)], tags=["compatibility"])
+router = APIRouter(tags=["compatibility"])
 SOURCES = ("cache", "computed", "missing", "unavailable")
 RENDERING = "openrlhf"
 # Tokenizer files whose ``*_token`` entries name the reward tokenizer's special tokens.
 TOKENIZER_FILES = ("special_tokens_map.json", "tokenizer_config.json")
-
-
-async def get_reward_body(request: Request, services: ServicesDep) -> GetRewardRequest:
-    # CRS_MAX_ITEMS_PER_REQUEST bounds the queries here, before any of them is validated.
-    return await parse_body(request, GetRewardRequest, services.settings, items_field="query")
-
-
-GetRewardBody = Annotated[GetRewardRequest, Depends(get_reward_body)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,18 +71,21 @@ class Query:
 
 
 @router.post("/get_reward", openapi_extra=json_body(GetRewardRequest))
-async def get_reward(
-    request: Request, body: GetRewardBody, services: ServicesDep, model: ModelName | None = None
-) -> GetRewardResponse:
+async def get_reward(request: Request, model: ModelName | None = None) -> GetRewardResponse:
     """Rewards for formatted queries; contrastive where ``prompts[i]`` has a baseline, both
     terms rendered by the same rule (module docstring). ``?model=NAME`` picks a served model
     (OpenRLHF's ``--remote_rm_url`` may carry it); one version scores the whole request."""
+    # Auth and the body by plain calls, not dependencies (services_of says why).
+    services = services_of(request)
+    check_api_token(request, services)
+    # CRS_MAX_ITEMS_PER_REQUEST bounds the queries here, before any of them is validated.
+    body = await parse_body(request, GetRewardRequest, services.settings, items_field="query")
     with take_lease(services, model) as lease:
         return await leased_reward(request, body, lease, services)
 
 
 async def leased_reward(
-    request: Request, body: GetRewardBody, lease: Lease, services: Services
+    request: Request, body: GetRewardRequest, lease: Lease, services: Services
 ) -> GetRewardResponse:
     """``get_reward`` under one lease."""
     prompts = body.prompts

@@ -8,12 +8,11 @@ import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
-from service.api.auth import require_api_token
-from service.api.deps import Services, ServicesDep, parse_body, take_lease
+from service.api.auth import check_api_token
+from service.api.deps import Services, parse_body, services_of, take_lease
 from service.api.disconnect import unless_disconnected
 from service.api.errors import ServiceError
 from service.api.openapi import json_body
@@ -49,23 +48,18 @@ from trainer_client.prompt_id import prompt_id
 
 log = logging.getLogger("crs.api")
 
-router = APIRouter(dependencies=[Depends(require_api_token)], tags=["rewards"])
-
-
-async def rewards_body(request: Request, services: ServicesDep) -> RewardsRequest:
-    return await parse_body(request, RewardsRequest, services.settings)
-
-
-RewardsBody = Annotated[RewardsRequest, Depends(rewards_body)]
+router = APIRouter(tags=["rewards"])
 
 
 @router.post("/v1/rewards", openapi_extra=json_body(RewardsRequest))
-async def post_rewards(
-    request: Request, body: RewardsBody, services: ServicesDep
-) -> RewardsResponse:
+async def post_rewards(request: Request) -> RewardsResponse:
     """Score every item with the named model's active version (or the pinned one); results
     come in request order, with each prompt's baseline and the contrastive reward unless
     ``"contrastive": null``. One version scores the whole request, baselines included."""
+    # Auth and the body by plain calls, not dependencies (services_of says why).
+    services = services_of(request)
+    check_api_token(request, services)
+    body = await parse_body(request, RewardsRequest, services.settings)
     with take_lease(services, body.model, body.model_version) as lease:
         truncation = body.truncation or services.settings.truncation
         if body.contrastive is None:
