@@ -18,7 +18,8 @@ PYTHON312 ?= $(shell for p in $$(command -v python3.12) $(wildcard $(HOME)/.pyen
 VENV312 ?= .venv312
 STAMP312 := $(VENV312)/.crs-installed
 # and the trainer's reward fetcher (an event loop thread of its own), torch-free as well.
-ASYNC_TESTS := tests/unit/test_batcher.py tests/unit/test_batcher_faults.py tests/unit/test_ppo_fetcher.py
+ASYNC_TESTS := tests/unit/test_batcher.py tests/unit/test_batcher_faults.py \
+	tests/unit/test_batcher_prefix.py tests/unit/test_ppo_fetcher.py
 
 .PHONY: setup test lint typecheck pytest pytest312 demo clean redis-server test-deploy
 

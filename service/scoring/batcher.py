@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -472,7 +472,11 @@ class Batcher:
         if not self._sorted:
             return None
         oldest = self._oldest()
-        batch, budget_full = self._grouped_batch(oldest) or self._windowed_batch(oldest)
+        # Several device threads share what waits: a window takes at most its thread's share
+        # of the queue, so a burst ends on all of them at about the same time. (Prompt groups
+        # are not shared out: cutting them into more batches cost more than it saved.)
+        share = -(-len(self._sorted) // self.workers)
+        batch, budget_full = self._grouped_batch(oldest) or self._windowed_batch(oldest, share)
         if len(batch) == len(self._sorted) and not budget_full:
             # A small batch waits a moment for company, from its oldest item's arrival.
             waited = now - oldest.owner.enqueued_at
@@ -484,10 +488,10 @@ class Batcher:
         _observe(self.observer.items_waited, [now - item.owner.enqueued_at for item in batch])
         return batch
 
-    def _windowed_batch(self, anchor: _Item) -> tuple[list[_Item], bool]:
+    def _windowed_batch(self, anchor: _Item, max_items: int) -> tuple[list[_Item], bool]:
         """The window of the length-sorted queue around ``anchor``, and whether the budget
-        stopped its growth."""
-        window = self._window(anchor)
+        (or ``max_items``) stopped its growth."""
+        window = self._window(anchor, max_items)
         return self._sorted[window.low : window.high], window.budget_full
 
     def _grouped_batch(self, anchor: _Item) -> tuple[list[_Item], bool] | None:
@@ -500,17 +504,17 @@ class Batcher:
             return None
         cost = GroupedCost(self.max_batch_tokens)
         batch: list[_Item] = []
-        for item in self._group_mates_oldest_first(key):
-            if not cost.fits(item.encoded):
-                return batch, True
-            cost.add(item.encoded)
-            batch.append(item)
+        for group in self._groups_oldest_first(key):
+            for item in group:
+                if not cost.try_add(item.encoded):
+                    return batch, True
+                batch.append(item)
         return batch, False
 
-    def _group_mates_oldest_first(self, first_key: str) -> Iterator[_Item]:
+    def _groups_oldest_first(self, first_key: str) -> Iterator[Iterable[_Item]]:
         """The queued items of ``first_key``'s group, then of every other group of two or
         more in the order their oldest items arrived, each group in arrival order."""
-        yield from self._by_prefix[first_key].values()
+        yield self._by_prefix[first_key].values()
         seen = {first_key}
         for item in self._arrivals:
             key = item.encoded.prefix_key
@@ -519,14 +523,14 @@ class Batcher:
             seen.add(key)
             mates = self._by_prefix.get(key, {})
             if len(mates) >= 2:
-                yield from mates.values()
+                yield mates.values()
 
     def _oldest(self) -> _Item:
         while not self._arrivals[0].queued:
             self._arrivals.popleft()
         return self._arrivals[0]
 
-    def _window(self, anchor: _Item) -> _Window:
+    def _window(self, anchor: _Item, max_items: int) -> _Window:
         """The slice of the sorted queue around ``anchor`` to run as one batch.
 
         It grows one neighbour at a time on the side that wastes less padding, as far as the
@@ -547,7 +551,7 @@ class Batcher:
             if not options:
                 return chosen
             best = max(options, key=lambda w: w.efficiency)
-            if best.padded > self.max_batch_tokens:
+            if best.padded > self.max_batch_tokens or best.high - best.low > max_items:
                 chosen.budget_full = True
                 return chosen
             window = best

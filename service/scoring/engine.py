@@ -183,7 +183,7 @@ class HFRewardEngine:
             observer=self._observer,
             workers=model.workers.workers,
             worker_init=model.bind_worker_thread,
-            group_prefixes=model.prefix_reuse,
+            group_prefixes=model.batches_by_prompt,
         )
 
     async def astop(self) -> None:

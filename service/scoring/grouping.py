@@ -9,7 +9,8 @@ run in full, padded to the longest of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from service.scoring.types import Encoded
@@ -74,24 +75,52 @@ class GroupedCost:
         anything, so an item longer than the budget still runs)."""
         if not self.items:
             return True
-        cost = self._with(item)
+        undo = self._apply(item)
+        within = self._within()
+        undo()
+        return within
+
+    def try_add(self, item: Encoded) -> bool:
+        """Add ``item`` if the batch still fits with it; whether it was added."""
+        if not self.items:
+            self.add(item)
+            return True
+        undo = self._apply(item)
+        if self._within():
+            return True
+        undo()
+        return False
+
+    def add(self, item: Encoded) -> None:
+        self._apply(item)
+
+    def _within(self) -> bool:
+        cost = self.cost()
         return (
             cost.computed <= self.max_batch_tokens
             and cost.expanded <= EXPANDED_CACHE_FACTOR * self.max_batch_tokens
         )
 
-    def add(self, item: Encoded) -> None:
+    def _apply(self, item: Encoded) -> Callable[[], object]:
+        """Count ``item`` in; returns what takes it out again."""
         key = item.prefix_key
         if key is None or item.token_type_ids is not None:
             self._plain.append(item.length)
-            return
+            return self._plain.pop
         group = self._groups.get(key)
         if group is None:
             self._groups[key] = _Group(item.input_ids, item.length - 1, longest=item.length)
-            return
-        group.shared = min(group.shared, item.length - 1, _shared(group.first, item.input_ids))
+            return functools.partial(self._groups.pop, key)
+        before = (group.shared, group.members, group.longest)
+        known = min(group.shared, item.length - 1)
+        group.shared = _shared(group.first, item.input_ids, known)
         group.members += 1
         group.longest = max(group.longest, item.length)
+
+        def undo() -> None:
+            group.shared, group.members, group.longest = before
+
+        return undo
 
     def cost(self) -> Cost:
         """What the batch as it stands computes."""
@@ -108,15 +137,18 @@ class GroupedCost:
             expanded=members * prefix,
         )
 
-    def _with(self, item: Encoded) -> Cost:
-        trial = GroupedCost(self.max_batch_tokens, dict(self._groups), list(self._plain))
-        key = item.prefix_key
-        if key is not None and key in trial._groups:
-            group = trial._groups[key]
-            trial._groups[key] = _Group(group.first, group.shared, group.members, group.longest)
-        trial.add(item)
-        return trial.cost()
 
-
-def _shared(first: Sequence[int], other: Sequence[int]) -> int:
-    return common_prefix_len((first, other))
+def _shared(first: Sequence[int], other: Sequence[int], known: int) -> int:
+    """The leading tokens ``other`` shares with ``first``, of at most ``known``: compared a
+    slice at a time (the batcher runs this under its lock, once per item it considers), where
+    a member sharing its whole prompt costs one comparison."""
+    if other[:known] == first[:known]:
+        return known
+    low, high = 0, known  # other[:low] matches, other[:high] does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if other[low:middle] == first[low:middle]:
+            low = middle
+        else:
+            high = middle
+    return low

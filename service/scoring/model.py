@@ -51,6 +51,14 @@ class RewardModel:
     # decided at load, on only where a probe found it scores as the full forward does.
     prefix_reuse: bool = False
 
+    @property
+    def batches_by_prompt(self) -> bool:
+        """Whether the batcher should form batches by prompt, counting each prompt once: with
+        reuse on, unless a sliding attention window could make the forward run such a batch
+        in full (``fits_window``), far over the budget it was formed under."""
+        window = attention_window(self.model.config)
+        return self.prefix_reuse and (window is None or window >= 2 * self.info.max_input_tokens)
+
     def bind_worker_thread(self) -> None:
         """Run on each device thread before its first forward: its share of the CPU cores."""
         if self.workers.threads_each is not None:

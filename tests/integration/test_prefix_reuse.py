@@ -256,3 +256,14 @@ def test_version_is_the_same_with_reuse_on_and_off(tiny_llama: Path) -> None:
     on = identify_model(tiny_llama, Settings(prefix_reuse="auto")).info.version
     off = identify_model(tiny_llama, Settings(prefix_reuse="off")).info.version
     assert on == off
+
+
+@pytest.mark.parametrize(("window", "by_prompt"), [(None, True), (100, False), (4096, True)])
+def test_batches_by_prompt_unless_a_window_could_force_full_forwards(
+    llama: RewardModel, monkeypatch: pytest.MonkeyPatch, window: int | None, by_prompt: bool
+) -> None:
+    # The tiny llama takes 2048 tokens: a grouped batch spans at most twice that.
+    assert llama.info.max_input_tokens == 2048
+    monkeypatch.setattr(llama.model.config, "sliding_window", window, raising=False)
+    assert llama.batches_by_prompt is by_prompt
+    assert replace(llama, prefix_reuse=False).batches_by_prompt is False

@@ -345,3 +345,34 @@ def test_every_batch_keeps_the_efficiency_floor_unless_alone(
             assert len(batch) == 1 or (real / padded >= min_efficiency and padded <= budget)
 
     asyncio.run(body())
+
+
+async def until_queued(batcher: Batcher, tokens: int) -> None:
+    """Let the loop run until ``tokens`` are queued (the submissions have all arrived)."""
+    for _ in range(10_000):
+        if batcher.queued_tokens == tokens:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{batcher.queued_tokens} tokens queued, not {tokens}")
+
+
+@pytest.mark.parametrize(("workers", "sizes"), [(1, [8]), (2, [1, 1, 2, 4])])
+def test_device_threads_share_a_burst(workers: int, sizes: list[int]) -> None:
+    """Eight items that fit one batch arrive while every device thread is busy: one thread
+    takes them all, two take their share of what waits each time (4 of 8, 2 of 4, ...), so
+    the burst ends on both at about the same time."""
+
+    async def body() -> list[int]:
+        model = Model()
+        async with running(model, budget=4096, workers=workers) as (batcher, _):
+            held = [await hold_device(batcher, model) for _ in range(workers)]
+            assert batcher.queued_tokens == 0  # each held item is on a thread of its own
+            burst = [[encoded(10, tag=100 + i)] for i in range(8)]
+            tasks = [asyncio.ensure_future(batcher.submit(r, 10)) for r in burst]
+            await until_queued(batcher, 80)
+            model.gate.set()
+            assert await asyncio.gather(*tasks) == [[reward_of(r[0])] for r in burst]
+            await asyncio.gather(*held)
+        return sorted(len(b) for b in model.batches if b[0].input_ids[0] != 7)
+
+    assert asyncio.run(body()) == sizes

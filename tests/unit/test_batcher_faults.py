@@ -88,10 +88,10 @@ def test_a_fault_forming_a_batch_fails_only_the_request_it_was_formed_around() -
         async with running(Model()) as (batcher, _):
             window = batcher._window
 
-            def faulty_window(anchor: Any) -> Any:
+            def faulty_window(anchor: Any, max_items: int) -> Any:
                 if anchor.encoded.input_ids[0] == POISON:
                     raise ValueError("injected fault")
-                return window(anchor)
+                return window(anchor, max_items)
 
             batcher._window = faulty_window  # type: ignore[method-assign]
             with pytest.raises(BatchFailed, match="incident"):
@@ -331,10 +331,10 @@ def test_a_fault_beyond_repair_resets_the_queue_and_the_thread_goes_on() -> None
         async with running(Model()) as (batcher, _):
             window, broken = batcher._window, [True]
 
-            def faulty(anchor: Any) -> Any:
+            def faulty(anchor: Any, max_items: int) -> Any:
                 if broken[0]:
                     raise ValueError("injected fault")
-                return window(anchor)
+                return window(anchor, max_items)
 
             def failing_repair(error: Exception) -> None:
                 broken[0] = False
