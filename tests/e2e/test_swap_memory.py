@@ -1,5 +1,6 @@
 """20 hot swaps of a real crs-service process on a CPU give their memory back: the server's RSS
-after the last swap is within 10% of its RSS after the first (issue 10's acceptance).
+after the last swaps is within 10% of its RSS after the first ones (issue 10's acceptance;
+medians of five swaps each, as one sample moves by several percent).
 
 It runs bench/swap_memory.py, as the bench smoke tests run the benchmarks, so the test and the
 published figures come from the same code: each cycle loads the other of two ~100 MB versions,
@@ -9,6 +10,7 @@ server's VmRSS from /proc."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +53,11 @@ def test_every_cycle_loaded_a_new_version_and_unloaded_the_previous(
 def test_resident_memory_after_the_last_swap_is_within_10_percent_of_the_first(
     report: dict[str, Any],
 ) -> None:
-    first, last = report["cycles"][1]["rss_bytes"], report["cycles"][-1]["rss_bytes"]
+    # One sample's RSS moves by several percent from swap to swap (the allocator's free lists),
+    # with no trend; a version left behind moves every later sample. So the first and the last
+    # five swaps are compared by their medians.
+    rss = [sample["rss_bytes"] for sample in report["cycles"]]
+    first, last = statistics.median(rss[1:6]), statistics.median(rss[-5:])
     # The check means something only if one version left behind would break it.
     assert report["model"]["float32_bytes"] > (MAX_GROWTH - 1) * first
-    assert last <= MAX_GROWTH * first, report["summary"]
+    assert last <= MAX_GROWTH * first, (report["summary"], [n >> 20 for n in rss])
