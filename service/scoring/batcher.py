@@ -6,7 +6,9 @@ finishes the last one, with no trip through the event loop: a window of the sort
 the oldest waiting item, grown on the side that wastes less padding, as large as the token
 budget allows counted with padding. So the device never waits for the event loop, and every
 batch is formed from everything that arrived while the previous one ran. A GPU has one device
-thread; a CPU may have several, each running its own batches on its share of the cores.
+thread; a CPU may have several, each running its own batches on its share of the cores, and
+then a window holds at most its thread's share of the queue's items, so that a burst ends on
+all threads at about the same time.
 
 When the model runs a prompt shared by several items once (``group_prefixes``), a batch is
 formed around the oldest item's prompt instead, if more of its items wait: all of them, then
@@ -534,10 +536,10 @@ class Batcher:
         """The slice of the sorted queue around ``anchor`` to run as one batch.
 
         It grows one neighbour at a time on the side that wastes less padding, as far as the
-        budget counted with padding allows; of those windows, the largest whose whole padded
-        cost keeps ``min_efficiency`` real tokens per computed token is taken. (Testing each
-        step alone would stop at the first short neighbour and leave a batch of one beside
-        many items that fit well together.)"""
+        budget counted with padding and ``max_items`` allow; of those windows, the largest
+        whose whole padded cost keeps ``min_efficiency`` real tokens per computed token is
+        taken. (Testing each step alone would stop at the first short neighbour and leave a
+        batch of one beside many items that fit well together.)"""
         items = self._sorted
         low = bisect.bisect_left(items, anchor.key, key=_key)
         window = _Window(low, low + 1, real=anchor.encoded.length, width=anchor.encoded.length)

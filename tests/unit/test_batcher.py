@@ -86,6 +86,7 @@ async def running(
     worker_init: Callable[[], None] | None = None,
     min_efficiency: float = 0.0,
     observer: Observer | None = None,
+    group_prefixes: bool = False,
 ) -> AsyncIterator[tuple[Batcher, Observer]]:
     observer = observer or Observer()
     batcher = Batcher(
@@ -97,6 +98,7 @@ async def running(
         min_efficiency=min_efficiency,
         workers=workers,
         worker_init=worker_init,
+        group_prefixes=group_prefixes,
     )
     batcher.start()
     try:

@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -17,7 +16,8 @@ from hypothesis import strategies as st
 from service.scoring.batcher import Batcher, QueueTimeout
 from service.scoring.grouping import EXPANDED_CACHE_FACTOR, GroupedCost
 from service.scoring.types import Encoded
-from tests.unit.test_batcher import Model, Observer, hold_device
+from tests.unit.test_batcher import Model, Observer, hold_device, until_queued
+from tests.unit.test_batcher import running as batcher_running
 
 # Prompt n's tokens are PROMPT_BASE * (n + 1) + position; tags (an item's first own token)
 # stay below PROMPT_BASE, so items of one prompt share exactly the prompt.
@@ -69,36 +69,13 @@ def keyless(item: Encoded) -> Encoded:
     return Encoded(input_ids=item.input_ids, token_type_ids=None, truncated=False)
 
 
-@asynccontextmanager
-async def running(
+def running(
     model: Model, *, budget: int, group_prefixes: bool = True, workers: int = 1
-) -> AsyncIterator[tuple[Batcher, Observer]]:
-    observer = Observer()
-    batcher = Batcher(
-        forward=model.forward,
-        max_batch_tokens=budget,
-        max_queue_tokens=1_000_000,
-        batch_wait_s=0.002,
-        observer=observer,
-        workers=workers,
-        group_prefixes=group_prefixes,
+) -> contextlib.AbstractAsyncContextManager[tuple[Batcher, Observer]]:
+    """test_batcher's running batcher, grouping by prompt unless told not to."""
+    return batcher_running(
+        model, budget=budget, queue=1_000_000, workers=workers, group_prefixes=group_prefixes
     )
-    batcher.start()
-    try:
-        yield batcher, observer
-    finally:
-        model.gate.set()
-        await batcher.stop()
-
-
-async def until_queued(batcher: Batcher, tokens: int) -> None:
-    """Let submitted tasks run until the queue holds ``tokens`` (they enqueue on their first
-    step, in the order they were created)."""
-    for _ in range(100):
-        if batcher.queued_tokens == tokens:
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"{batcher.queued_tokens} tokens queued, not {tokens}")
 
 
 async def run_held(
