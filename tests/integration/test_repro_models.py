@@ -3,6 +3,7 @@ through the trainer's own loading path, and proxy RMs that crs serves as trained
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,15 @@ CLEAN_AGREEMENT = 0.7
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> TaskAssets:
     workdir = tmp_path_factory.mktemp("repro") / "assets"
-    return build_assets(workdir, noise_levels=(0.0, 0.4), quiet=True, **SIZES)
+    # Beside another pytest-xdist worker, torch's threads for every core oversubscribe them:
+    # the training here took five times as long (114 s against 22 s alone) until given one.
+    threads = torch.get_num_threads()
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        torch.set_num_threads(max(1, threads // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    try:
+        return build_assets(workdir, noise_levels=(0.0, 0.4), quiet=True, **SIZES)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_tokenizer_encodes_prompt_and_pair_as_the_policy_and_crs_expect(
