@@ -47,8 +47,7 @@ class Services:
 # Dependencies are coroutines on purpose: FastAPI runs plain functions in a thread pool,
 # a thread hop per dependency per request.
 async def get_services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
+    return services_of(request)
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
