@@ -12,8 +12,9 @@ all threads at about the same time.
 
 When the model runs a prompt shared by several items once (``group_prefixes``), a batch is
 formed around the oldest item's prompt instead, if more of its items wait: all of them, then
-the other prompts with two or more items waiting, oldest first, each prompt counted once in
-the budget (``service/scoring/grouping.py``). A lone item still gets the length-sorted window.
+the other prompts with two or more items waiting, nearest in prompt length first (a batch's
+prompts are padded to its longest), each prompt counted once in the budget
+(``service/scoring/grouping.py``). A lone item still gets the length-sorted window.
 
 No exception ends a device thread: a failed forward is retried by halves, so only the requests
 of the items that fail again fail, and a fault in forming a batch fails only the request it was
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import itertools
 import logging
 import math
 import threading
@@ -36,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from service.scoring.grouping import GroupedCost
+from service.scoring.grouping import GroupedCost, shared_tokens
 from service.scoring.types import Encoded
 
 log = logging.getLogger("crs.batcher")
@@ -474,9 +476,9 @@ class Batcher:
         if not self._sorted:
             return None
         oldest = self._oldest()
-        # Several device threads share what waits: a window takes at most its thread's share
-        # of the queue, so a burst ends on all of them at about the same time. (Prompt groups
-        # are not shared out: cutting them into more batches cost more than it saved.)
+        # Several device threads share what waits: a batch takes at most its thread's share
+        # of the queue's items (a window) or prompt groups (a grouped batch), so a burst ends
+        # on all of them at about the same time.
         share = -(-len(self._sorted) // self.workers)
         batch, budget_full = self._grouped_batch(oldest) or self._windowed_batch(oldest, share)
         if len(batch) == len(self._sorted) and not budget_full:
@@ -498,26 +500,42 @@ class Batcher:
 
     def _grouped_batch(self, anchor: _Item) -> tuple[list[_Item], bool] | None:
         """With prefix grouping, the batch formed around ``anchor``'s prompt group: its queued
-        items, then those of the other groups of two or more (oldest first), as many as the
-        budget holds with each group's shared prompt counted once; and whether the budget
-        stopped it. None when ``anchor`` has no queued group mate (the window then serves)."""
+        items, then the other groups of two or more, whole (nearest in prompt length first),
+        as many as the budget holds with each group's shared prompt counted once; and whether
+        the budget stopped it. None when ``anchor`` has no queued group mate (the window then
+        serves)."""
         key = anchor.encoded.prefix_key
         if not self.group_prefixes or key is None or len(self._by_prefix.get(key, ())) < 2:
             return None
         cost = GroupedCost(self.max_batch_tokens)
         batch: list[_Item] = []
-        for group in self._groups_oldest_first(key):
-            for item in group:
-                if not cost.try_add(item.encoded):
-                    return batch, True
-                batch.append(item)
+        groups = self._groups_nearest_first(key)
+        for item in next(groups):  # the anchor's own group, as much of it as fits
+            if not cost.try_add(item.encoded):
+                return batch, True
+            batch.append(item)
+        share = -(-self._prompt_groups() // self.workers)
+        # The others whole: a part left behind would run its prompt again.
+        for group in itertools.islice(groups, share - 1):
+            members = list(group)
+            if not cost.try_add_all([item.encoded for item in members]):
+                return batch, True
+            batch += members
         return batch, False
 
-    def _groups_oldest_first(self, first_key: str) -> Iterator[Iterable[_Item]]:
+    def _prompt_groups(self) -> int:
+        """How many prompts have two or more items queued."""
+        return sum(len(mates) >= 2 for mates in self._by_prefix.values())
+
+    def _groups_nearest_first(self, first_key: str) -> Iterator[Iterable[_Item]]:
         """The queued items of ``first_key``'s group, then of every other group of two or
-        more in the order their oldest items arrived, each group in arrival order."""
-        yield self._by_prefix[first_key].values()
+        more, nearest in prompt length first (its prompt is padded to the batch's longest),
+        in the order their oldest items arrived where equally near; each in arrival order."""
+        anchor = self._by_prefix[first_key]
+        yield anchor.values()
+        anchor_tokens = _prompt_tokens(anchor)
         seen = {first_key}
+        others: list[tuple[int, dict[int, _Item]]] = []
         for item in self._arrivals:
             key = item.encoded.prefix_key
             if not item.queued or key is None or key in seen:
@@ -525,7 +543,10 @@ class Batcher:
             seen.add(key)
             mates = self._by_prefix.get(key, {})
             if len(mates) >= 2:
-                yield mates.values()
+                others.append((abs(_prompt_tokens(mates) - anchor_tokens), mates))
+        others.sort(key=lambda other: other[0])  # stable: arrival order among equals
+        for _, mates in others:
+            yield mates.values()
 
     def _oldest(self) -> _Item:
         while not self._arrivals[0].queued:
@@ -597,6 +618,13 @@ class Batcher:
         rate = self._throughput.tokens_per_s
         seconds = self._queued_tokens / rate if rate > 0 else 1.0
         return max(1, min(60, math.ceil(seconds)))
+
+
+def _prompt_tokens(mates: dict[int, _Item]) -> int:
+    """The leading tokens two of a prompt group's queued items share: its prompt's length
+    (short of left truncation)."""
+    first, second, *_ = (item.encoded.input_ids for item in mates.values())
+    return shared_tokens(first, second)
 
 
 def _key(item: _Item) -> tuple[int, int]:

@@ -91,6 +91,17 @@ class GroupedCost:
         undo()
         return False
 
+    def try_add_all(self, items: Sequence[Encoded]) -> bool:
+        """Add every one of ``items`` if the batch still fits with all of them, else none;
+        whether they were added. (An empty batch takes them all.)"""
+        empty = not self.items
+        undos = [self._apply(item) for item in items]
+        if empty or self._within():
+            return True
+        for undo in reversed(undos):
+            undo()
+        return False
+
     def add(self, item: Encoded) -> None:
         self._apply(item)
 
@@ -136,6 +147,11 @@ class GroupedCost:
             computed=len(grouped) * prefix + members * suffix + plain * plain_width,
             expanded=members * prefix,
         )
+
+
+def shared_tokens(first: Sequence[int], other: Sequence[int]) -> int:
+    """The number of leading tokens two rows have in common (compared a slice at a time)."""
+    return _shared(first, other, min(len(first), len(other)))
 
 
 def _shared(first: Sequence[int], other: Sequence[int], known: int) -> int:

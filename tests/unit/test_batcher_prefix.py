@@ -1,5 +1,6 @@
 """The batcher with prompt-prefix grouping, on a stand-in forward: items of one prompt from
-separate requests run together, the shared prompt counted once, groups taken oldest first,
+separate requests run together, the shared prompt counted once, groups taken whole and nearest
+in prompt length first,
 the prompt index kept in step with the queue. Torch-free (it also runs on Python 3.12)."""
 
 from __future__ import annotations
@@ -185,14 +186,18 @@ GROUPS_QUEUE = [GA1, GC1, GB1, GB2, K10, GC2, LONE, GA2]
 @pytest.mark.parametrize(
     ("budget", "expected"),
     [
-        # Everything grouped fits: the anchor's group, then C, then B; the keyless item and
-        # the lone keyed one are left to a window.
-        (10_000, [[GA1, GA2, GC1, GC2, GB1, GB2], [K10, LONE]]),
-        # A and C cost 2 * 30 + 4 * 30 = 180; with B1 alone (run in full, 26) 206 > 200.
-        (200, [[GA1, GA2, GC1, GC2], [GB1, GB2], [K10, LONE]]),
+        # Everything grouped fits: the anchor's group, then B (25 tokens from A's 30), then C
+        # (20), though C's oldest arrived first; the keyless item and the lone keyed one are
+        # left to a window.
+        (10_000, [[GA1, GA2, GB1, GB2, GC1, GC2], [K10, LONE]]),
+        # A and B cost 2 * 30 + 4 * 15 = 120. C1 alone would fit beside them (in full, 50),
+        # but C whole does not (3 * 30 + 6 * 30 = 270 > 200): C waits for a batch of its own.
+        (200, [[GA1, GA2, GB1, GB2], [GC1, GC2], [K10, LONE]]),
     ],
 )
-def test_groups_are_taken_oldest_first(budget: int, expected: list[list[Encoded]]) -> None:
+def test_groups_are_taken_whole_and_nearest_in_prompt_length_first(
+    budget: int, expected: list[list[Encoded]]
+) -> None:
     assert asyncio.run(run_held(GROUPS_QUEUE, budget=budget)) == expected
 
 
@@ -317,3 +322,30 @@ def test_every_request_gets_its_rewards_and_batches_keep_the_budget(
     assert ran == Counter(tuple(item.input_ids) for items in submissions for item in items)
     for batch in model.batches:
         assert len(batch) == 1 or forward_fits(batch, budget)
+
+
+@pytest.mark.parametrize(("workers", "sizes"), [(1, [8]), (2, [2, 2, 4])])
+def test_device_threads_share_a_burst_of_prompt_groups(workers: int, sizes: list[int]) -> None:
+    """Four prompts' pairs that fit one batch arrive while every device thread is busy: one
+    thread takes them all, two take their share of the groups waiting each time (2 of 4, 1 of
+    2, then the last), so a GRPO step's burst ends on both at about the same time."""
+
+    async def body() -> list[list[Encoded]]:
+        model = PromptModel()
+        async with batcher_running(model, budget=10_000, workers=workers, group_prefixes=True) as (
+            batcher,
+            _,
+        ):
+            held = [await hold_device(batcher, model) for _ in range(workers)]
+            burst = [prompted(p, 30, 3, tag=50 + 2 * p + n) for p in range(4) for n in range(2)]
+            tasks = [asyncio.ensure_future(batcher.submit([item], 10)) for item in burst]
+            await until_queued(batcher, sum(item.length for item in burst))
+            model.gate.set()
+            assert await asyncio.gather(*tasks) == [[reward(item)] for item in burst]
+            await asyncio.gather(*held)
+        return [b for b in model.batches if b[0].input_ids[0] != HELD_TAG]
+
+    batches = asyncio.run(body())
+    assert sorted(len(batch) for batch in batches) == sizes
+    # Every prompt's pair stays together.
+    assert all(len({item.prefix_key for item in batch}) * 2 == len(batch) for batch in batches)

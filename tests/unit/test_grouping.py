@@ -16,6 +16,7 @@ from service.scoring.grouping import (
     GroupedCost,
     _shared,
     common_prefix_len,
+    shared_tokens,
 )
 from service.scoring.prefix import plan_prefixes
 from service.scoring.types import Encoded
@@ -286,6 +287,7 @@ def test_shared_is_the_common_prefix_up_to_what_is_known(
     other = first[:cut] + tail
     known = min(known, len(first), len(other))
     assert _shared(first, other, known) == min(known, common_prefix_len([first, other]))
+    assert shared_tokens(first, other) == common_prefix_len([first, other])
 
 
 def test_try_add_adds_what_fits_and_leaves_the_rest_out() -> None:
@@ -297,4 +299,30 @@ def test_try_add_adds_what_fits_and_leaves_the_rest_out() -> None:
     before = cost.cost()
     assert not cost.try_add(item(own(60, 3)))  # 58 + 60 would be over 100
     assert cost.cost() == before
+    assert cost.items == 2
+
+
+def test_try_add_all_adds_a_group_whole_or_not_at_all() -> None:
+    cost = GroupedCost(150)
+    cost.add(item(prompt(40, 1) + own(5, 1), "p"))
+    cost.add(item(prompt(40, 1) + own(9, 2), "p"))
+    before = cost.cost()  # 40 + 2 * 9 = 58
+    # q's first item alone would fit (in full: 58 + 50 = 108); both, grouped, would not:
+    # 2 * 40 + 4 * 20 = 160 > 150.
+    q = [item(prompt(30, 500) + own(20, n), "q") for n in (1, 2)]
+    assert cost.fits(q[0])
+    assert not cost.try_add_all(q)
+    assert cost.cost() == before
+    assert cost.items == 2
+    # Two that fit together: r's shared 20 tokens, own parts of 3 and 4.
+    r = [item(prompt(20, 900) + own(n, n), "r") for n in (3, 4)]
+    assert cost.try_add_all(r)
+    assert cost.cost() == Cost(computed=2 * 40 + 4 * 9, expanded=4 * 40)
+    assert cost.items == 4
+
+
+def test_an_empty_batch_takes_a_whole_group_over_the_budget() -> None:
+    cost = GroupedCost(10)
+    group = [item(prompt(40, 1) + own(5, n), "p") for n in (1, 2)]
+    assert cost.try_add_all(group)
     assert cost.items == 2
