@@ -19,6 +19,10 @@ from tests.models import DirectScorer
 from trainer_client.launch import RedisProcess, ServiceProcess
 
 TOLERANCE = 1e-4
+# How far one served reward may be from the direct forward's: float32 rounding of batches of
+# another shape, or of a prompt run once for several items (1e-7 seen). Normalised rewards
+# divide the error of a reward minus its baseline by the prompt's spread, which can be small.
+REWARD_ERROR = 1e-6
 K = 4
 WORDS = "the reward model scores each answer to the prompt by how helpful it is"
 
@@ -106,7 +110,9 @@ def test_contrastive_equals_reward_minus_aggregate_of_direct_baseline_rewards(
     expected = (query_rewards - baseline) / spread
     assert [r["reward"] for r in results] == pytest.approx(query_rewards, abs=TOLERANCE)
     assert [r["baseline"] for r in results] == pytest.approx(baseline, abs=TOLERANCE)
-    assert [r["contrastive"] for r in results] == pytest.approx(expected, abs=TOLERANCE)
+    error = np.abs(np.array([r["contrastive"] for r in results]) - expected)
+    allowed = TOLERANCE + 2 * REWARD_ERROR / spread
+    assert np.all(error <= allowed), f"errors {error.max():.3g}, allowed {allowed}"
     assert {(r["baseline_source"], r["baseline_n"]) for r in results} == {("cache", K)}
     # Different prompts have different baselines: a constant would pass the checks above.
     assert len({round(b, 6) for b in baseline}) > 10

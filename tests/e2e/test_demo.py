@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.models import worker_share_of_torch_threads
 from trainer_client.cli import main
 from trainer_client.demo import run_demo
 
@@ -31,7 +32,8 @@ def test_demo_trains_both_arms_and_prints_their_gold_reward_and_win_rate(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     workdir = tmp_path / "demo"
-    code = run_demo(workdir, iterations=2, quiet=True, asset_options=SMALL_ASSETS)
+    with worker_share_of_torch_threads():
+        code = run_demo(workdir, iterations=2, quiet=True, asset_options=SMALL_ASSETS)
     out = capsys.readouterr().out
     assert code == 0, out
     rows = table_rows(out)

@@ -3,7 +3,6 @@ through the trainer's own loading path, and proxy RMs that crs serves as trained
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from service.scoring.model import load_reward_model
 from service.scoring.types import RewardInput
 from service.settings import Settings
+from tests.models import worker_share_of_torch_threads
 from trainer_client.baselines.records import read_prompt_file
 from trainer_client.baselines.sampling import SamplingConfig, load_policy, sample_batch
 from trainer_client.repro.models import TaskAssets, build_assets, score_pairs
@@ -28,15 +28,8 @@ CLEAN_AGREEMENT = 0.7
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> TaskAssets:
     workdir = tmp_path_factory.mktemp("repro") / "assets"
-    # Beside another pytest-xdist worker, torch's threads for every core oversubscribe them:
-    # the training here took five times as long (114 s against 22 s alone) until given one.
-    threads = torch.get_num_threads()
-    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-        torch.set_num_threads(max(1, threads // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-    try:
+    with worker_share_of_torch_threads():
         return build_assets(workdir, noise_levels=(0.0, 0.4), quiet=True, **SIZES)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_tokenizer_encodes_prompt_and_pair_as_the_policy_and_crs_expect(
