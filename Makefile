@@ -21,7 +21,8 @@ STAMP312 := $(VENV312)/.crs-installed
 ASYNC_TESTS := tests/unit/test_batcher.py tests/unit/test_batcher_faults.py \
 	tests/unit/test_batcher_prefix.py tests/unit/test_ppo_fetcher.py
 
-.PHONY: setup test lint typecheck pytest pytest312 demo clean redis-server test-deploy
+.PHONY: setup test lint typecheck pytest pytest312 demo clean redis-server test-deploy \
+	test-deploy-build
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +72,10 @@ demo: setup
 # part of `make test`.
 test-deploy: setup
 	VENV_BIN=$(abspath $(BIN)) bash deploy/test-deploy.sh
+
+# Only the images of test-deploy (cached by tag and layer for the next test-deploy).
+test-deploy-build: setup
+	VENV_BIN=$(abspath $(BIN)) bash deploy/test-deploy.sh build
 
 clean:
 	rm -rf $(VENV) $(VENV312) .crs .mypy_cache .ruff_cache .pytest_cache .hypothesis
