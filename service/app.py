@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from starlette.types import ASGIApp
 
 from service import __version__
 from service.api import baselines, compat, health, models, rewards
 from service.api.deps import Services
+from service.api.direct import DirectRoutes
 from service.api.errors import install_error_handlers
 from service.api.openapi import with_body_schemas
 from service.api.schemas import BaselinesPut, GetRewardRequest, ModelLoad, RewardsRequest
@@ -41,17 +44,34 @@ def default_engine(spec: ModelSpec, settings: Settings, metrics: Metrics) -> Rew
     return HFRewardEngine(spec.path, settings.model_copy(update=overrides), metrics)
 
 
+class ServiceApp(FastAPI):
+    """The app: FastAPI's, with the routes of ``direct_routes`` (``POST /v1/rewards``) served
+    past the framework's per-request layers (``service.api.direct`` says why); its services
+    live on ``state.services``."""
+
+    direct_routes: Sequence[APIRoute] = ()
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        if not self.direct_routes:
+            return stack
+        services: Services = self.state.services
+        return DirectRoutes(stack, self.direct_routes, services.metrics)
+
+
 def create_app(
     settings: Settings,
     *,
     engine_factory: EngineFactory = default_engine,
     on_fatal: FatalHandler | None = None,
-) -> FastAPI:
+    direct_routes: bool = True,
+) -> ServiceApp:
     """A FastAPI app serving the configured reward models (and those an admin loads).
 
     The models load in the background once the app starts, so ``/livez`` answers at once and
     ``/readyz`` turns 200 when every one is warm. A failed load is logged, shown by ``/readyz``
-    and passed to ``on_fatal`` (the CLI stops the server with it).
+    and passed to ``on_fatal`` (the CLI stops the server with it). ``direct_routes=False``
+    serves the scoring route through FastAPI's stack too, as a reference to compare with.
     """
     metrics = Metrics()
     registry = ModelRegistry(
@@ -85,8 +105,13 @@ def create_app(
             await services.registry.astop()
             await services.baselines.store.aclose()
 
-    app = FastAPI(title="crs: contrastive reward service", version=__version__, lifespan=lifespan)
+    app = ServiceApp(
+        title="crs: contrastive reward service", version=__version__, lifespan=lifespan
+    )
     app.state.services = services
+    if direct_routes:
+        # The scoring router's own routes: it is included as it is, at the same paths.
+        app.direct_routes = [r for r in rewards.router.routes if isinstance(r, APIRoute)]
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(rewards.router)

@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import Services
 from service.api.errors import envelope
-from service.app import create_app
+from service.app import EngineFactory, create_app, default_engine
 from service.connections import ConnectionLimits, GuardedHttpToolsProtocol
 from service.settings import Settings
 
@@ -237,8 +237,15 @@ def warn_on_misfit(settings: Settings) -> None:
         )
 
 
-def run_server(settings: Settings, *, access_log: bool = False) -> int:
-    """Serve until a signal; exit code 0, or 1 when the model failed to load."""
+def run_server(
+    settings: Settings,
+    *,
+    access_log: bool = False,
+    engine_factory: EngineFactory = default_engine,
+    direct_routes: bool = True,
+) -> int:
+    """Serve until a signal; exit code 0, or 1 when the model failed to load. The engine
+    factory and ``direct_routes`` are ``create_app``'s (benchmarks serve other engines)."""
     failures: list[BaseException] = []
     servers: list[DrainingServer] = []
 
@@ -247,7 +254,9 @@ def run_server(settings: Settings, *, access_log: bool = False) -> int:
         for server in servers:
             server.should_exit = True
 
-    app = create_app(settings, on_fatal=on_fatal)
+    app = create_app(
+        settings, engine_factory=engine_factory, on_fatal=on_fatal, direct_routes=direct_routes
+    )
     services: Services = app.state.services
     guard = ShutdownGuard(app, services)
     descriptors = raise_descriptor_limit(settings)

@@ -142,7 +142,12 @@ def allowed_methods(request: Request) -> list[str]:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    # The traceback goes to the log, never into the body.
+    return unexpected_error(request, exc)
+
+
+def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """A generic 500 for a failure nothing translated; the traceback goes to the log, never
+    into the body."""
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(ServiceError(500, "internal error; see the service log"))
 

@@ -1,6 +1,6 @@
 """The benchmarks run end to end: every throughput mode scores the same tokens, passes
-alternate, the GRPO workload's reuse modes score as the others do, and the baselines
-benchmark sees cache hits.
+alternate, the GRPO workload's reuse modes score as the others do, the baselines benchmark
+sees cache hits, and the HTTP-overhead benchmark serves both scoring paths.
 
 It measures nothing here (benchmarks never assert a time); it keeps the script working."""
 
@@ -101,4 +101,21 @@ def test_baselines_benchmark_runs(tiny_llama: Path, tmp_path: Path) -> None:
     assert report["store_lookup"]["prompts"] == 16
     assert report["push"]["responses"] == 8
     assert report["rewards_request"]["items"] == 16
+    assert report["summary"] in done.stdout
+
+
+def test_http_overhead_benchmark_compares_both_paths(tmp_path: Path) -> None:
+    out = tmp_path / "http-overhead.json"
+    command = [
+        sys.executable, str(BENCH / "http_overhead.py"), "--requests", "40", "--concurrency",
+        "4", "--batch-items", "1", "3", "--passes", "2", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    runs = {(run["mode"], run["request_items"]): run for run in report["runs"]}
+    assert set(runs) == {(mode, size) for mode in ("direct", "framework") for size in (1, 3)}
+    assert all(run["failures"] == 0 for run in runs.values())
+    assert all(len(run["passes_requests_per_s"]) == 2 for run in runs.values())
+    assert [ratio["request_items"] for ratio in report["ratios"]] == [1, 3]
     assert report["summary"] in done.stdout

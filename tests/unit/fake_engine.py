@@ -270,9 +270,19 @@ class LiveApp:
     One app serves every example of a property test, so each example costs one request.
     """
 
-    def __init__(self, engine: FakeEngine | None = None, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        engine: FakeEngine | None = None,
+        settings: Settings | None = None,
+        *,
+        direct_routes: bool = True,
+    ) -> None:
         self.engine = engine or FakeEngine()
-        self.app = create_app(settings or Settings(), engine_factory=lambda *_: self.engine)
+        self.app = create_app(
+            settings or Settings(),
+            engine_factory=lambda *_: self.engine,
+            direct_routes=direct_routes,
+        )
         self.loop = asyncio.new_event_loop()
         self._client: httpx.AsyncClient | None = None
         self._started: asyncio.Future[None] = self.loop.create_future()
@@ -297,13 +307,20 @@ class LiveApp:
         return self.request("POST", path, content=content)
 
     def request(
-        self, method: str, path: str, *, content: bytes | None = None, json_body: Any = None
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        json_body: Any = None,
+        headers: dict[str, str] | None = None,
     ) -> httpx.Response:
-        """One request on the app's loop; a body is declared JSON."""
+        """One request on the app's loop; a body is declared JSON unless ``headers`` say."""
         assert self._client is not None
         if json_body is not None:
             content = json.dumps(json_body).encode()
-        headers = {"content-type": "application/json"} if content is not None else {}
+        declared = {"content-type": "application/json"} if content is not None else {}
+        headers = {**declared, **(headers or {})}
         request = self._client.request(method, path, content=content, headers=headers)
         return self.loop.run_until_complete(request)
 
