@@ -16,12 +16,15 @@ import torch
 
 from service.scoring.formatting import Formatter, resolve_input_format
 from service.scoring.prefix import (
+    PROBE_TOLERANCE,
     PrefixPlan,
     attention_window,
+    cache_argument,
     fits_window,
     pays,
     plan_prefixes,
     planned_logits,
+    probe_batch,
     probe_prefix_reuse,
 )
 from service.scoring.types import Encoded, ModelInfo, ModelLoadError
@@ -50,6 +53,11 @@ class RewardModel:
     # Items sharing a prompt share the forward of its tokens (service/scoring/prefix.py):
     # decided at load, on only where a probe found it scores as the full forward does.
     prefix_reuse: bool = False
+    # A right-padded batch runs without its attention mask where a probe found that this
+    # gives the masked scores (causal attention: padding comes after every real token, so
+    # nothing real attends to it). Without a mask SDPA takes its fused causal kernel; with
+    # one, on CPU, a kernel that costs a third more per item. Decided at load.
+    unmasked_padding: bool = False
 
     @property
     def batches_by_prompt(self) -> bool:
@@ -81,12 +89,21 @@ class RewardModel:
         if plan is None:
             return self.plain_logits(batch)
         return planned_logits(
-            self.model, batch, plan, self.plain_logits, self.pad_token_id, self.device
+            self.model,
+            batch,
+            plan,
+            self.plain_logits,
+            self.pad_token_id,
+            self.device,
+            unmasked_padding=self.unmasked_padding,
         )
 
     def plain_logits(self, batch: Sequence[Encoded]) -> torch.Tensor:
         """The pooled logits of one full forward over the right-padded batch."""
-        logits: torch.Tensor = self.model(**pad_batch(batch, self.pad_token_id, self.device)).logits
+        inputs = pad_batch(
+            batch, self.pad_token_id, self.device, mask_padding=not self.unmasked_padding
+        )
+        logits: torch.Tensor = self.model(**inputs).logits
         return logits
 
     def _prefix_plan(self, batch: Sequence[Encoded]) -> PrefixPlan | None:
@@ -156,9 +173,17 @@ def plan_workers(requested: int | None, device: torch.device) -> WorkerPlan:
     return WorkerPlan(workers=workers, threads_each=max(1, cores // workers))
 
 
-def pad_batch(batch: Sequence[Encoded], pad_token_id: int, device: torch.device) -> dict[str, Any]:
+def pad_batch(
+    batch: Sequence[Encoded],
+    pad_token_id: int,
+    device: torch.device,
+    *,
+    mask_padding: bool = True,
+) -> dict[str, Any]:
     """Right-pad a batch. Right padding keeps every real token at the position it has alone,
-    so a score never depends on its batch mates (left padding shifts positions)."""
+    so a score never depends on its batch mates (left padding shifts positions). Without
+    ``mask_padding`` the attention mask lets every position be seen, as if none were padding
+    (``RewardModel.unmasked_padding`` says when that is exact)."""
     width = max(item.length for item in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -169,6 +194,8 @@ def pad_batch(batch: Sequence[Encoded], pad_token_id: int, device: torch.device)
         attention_mask[row, : item.length] = 1
         if token_type_ids is not None and item.token_type_ids is not None:
             token_type_ids[row, : item.length] = torch.tensor(item.token_type_ids)
+    if not mask_padding:
+        attention_mask.fill_(1)  # a mask of ones, not none: no "unmasked padding" warnings
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if token_type_ids is not None:
         inputs["token_type_ids"] = token_type_ids
@@ -424,7 +451,48 @@ def load_reward_model(
         workers=plan_workers(settings.device_workers, device),
         normalization=found.normalization,
     )
+    loaded = replace(loaded, unmasked_padding=decide_unmasked_padding(loaded))
     return replace(loaded, prefix_reuse=decide_prefix_reuse(loaded, settings.prefix_reuse))
+
+
+def decide_unmasked_padding(model: RewardModel) -> bool:
+    """On when the probe finds a right-padded batch scored alike with and without its
+    attention mask, else off with the reason in the log. The scores are the same function
+    either way, so the choice stays out of the version."""
+    special = frozenset(int(t) for t in model.formatter.tokenizer.all_special_ids)
+    reason = probe_unmasked_padding(model.model, model.pad_token_id, special)
+    if reason is not None:
+        log.info("padding mask for %s: kept, %s", model.info.version, reason)
+        return False
+    log.info("padding mask for %s: dropped (padding cannot reach real tokens)", model.info.version)
+    return True
+
+
+def probe_unmasked_padding(model: Any, pad_token_id: int, avoid: frozenset[int]) -> str | None:
+    """Why ``model`` needs the attention mask of a right-padded batch (None when it does not):
+    random sequences of different lengths must score the same without it, within the
+    tolerance of the model's dtype. An encoder attends to the padding and fails; so does a
+    model whose positions or pooling read the mask. Any failure is a reason, never an error."""
+    # An encoder's attention reaches the padding, yet a random one may barely show it.
+    if cache_argument(model) is None:
+        return f"{type(model).__name__} takes no key/value cache (not a decoder)"
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "an encoder-decoder model"
+    device = next(model.parameters()).device
+    batch = probe_batch(model.get_input_embeddings().num_embeddings, avoid | {pad_token_id})
+    try:
+        with torch.inference_mode():
+            masked = model(**pad_batch(batch, pad_token_id, device)).logits.float()
+            unmasked = model(**pad_batch(batch, pad_token_id, device, mask_padding=False))
+            unmasked = unmasked.logits.float()
+    except Exception as exc:  # any failure means: keep the mask
+        return f"the forward without a mask failed: {type(exc).__name__}: {exc}"
+    dtype = next(model.parameters()).dtype
+    tolerance = PROBE_TOLERANCE.get(dtype, 1e-3) * max(1.0, float(masked.abs().max()))
+    error = float((unmasked - masked).abs().max())
+    if not error <= tolerance:  # also catches NaN
+        return f"scores without it differ by {error:.3g} (tolerance {tolerance:.3g})"
+    return None
 
 
 def decide_prefix_reuse(model: RewardModel, setting: str) -> bool:
@@ -435,7 +503,13 @@ def decide_prefix_reuse(model: RewardModel, setting: str) -> bool:
         log.info("prefix reuse for %s: off (CRS_PREFIX_REUSE=off)", model.info.version)
         return False
     special = frozenset(int(t) for t in model.formatter.tokenizer.all_special_ids)
-    reason = probe_prefix_reuse(model.model, model.plain_logits, model.pad_token_id, special)
+    reason = probe_prefix_reuse(
+        model.model,
+        model.plain_logits,
+        model.pad_token_id,
+        special,
+        unmasked_padding=model.unmasked_padding,
+    )
     if reason is not None:
         log.info("prefix reuse for %s: off, %s", model.info.version, reason)
         return False

@@ -168,9 +168,16 @@ def grouped_logits(
     groups: Sequence[PrefixGroup],
     pad_token_id: int,
     device: torch.device,
+    *,
+    unmasked_padding: bool = False,
 ) -> torch.Tensor:
     """The pooled logits of the groups' members (in group, then member order): one forward
-    over the prefixes, one over the members' own tokens on the expanded cache."""
+    over the prefixes, one over the members' own tokens on the expanded cache.
+
+    With ``unmasked_padding`` (a causal model, ``RewardModel.unmasked_padding``) padding
+    that comes after every real token of its row goes unmasked: the prefixes' own, and the
+    members' own when the prefixes are all as long (else the cache holds padding before a
+    member's tokens, which must stay masked)."""
     from transformers import DynamicCache
 
     argument = cache_argument(model)
@@ -179,7 +186,10 @@ def grouped_logits(
     prefixes = [batch[group.members[0]].input_ids[: group.prefix_len] for group in groups]
     prefix_ids, prefix_mask = right_pad(prefixes, pad_token_id, device)
     cache = DynamicCache(config=model.config)
-    model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True, **{argument: cache})
+    prefix_attention = torch.ones_like(prefix_mask) if unmasked_padding else prefix_mask
+    model(
+        input_ids=prefix_ids, attention_mask=prefix_attention, use_cache=True, **{argument: cache}
+    )
 
     owners = [n for n, group in enumerate(groups) for _ in group.members]
     owner = torch.tensor(owners, dtype=torch.long, device=device)
@@ -193,9 +203,12 @@ def grouped_logits(
     # Real tokens sit where they sit in the full sequence; padding gets position 0, which
     # every position table has (nothing real attends to it: it comes after the real tokens).
     positions = torch.where(suffix_mask.bool(), lengths[:, None] + steps[None, :], 0)
+    attention = torch.cat([prefix_mask[owner], suffix_mask], dim=1)
+    if unmasked_padding and len({group.prefix_len for group in groups}) == 1:
+        attention = torch.ones_like(attention)
     output = model(
         input_ids=suffix_ids,
-        attention_mask=torch.cat([prefix_mask[owner], suffix_mask], dim=1),
+        attention_mask=attention,
         position_ids=positions,
         use_cache=True,
         **{argument: cache},
@@ -211,9 +224,13 @@ def planned_logits(
     plain_logits: PlainLogits,
     pad_token_id: int,
     device: torch.device,
+    *,
+    unmasked_padding: bool = False,
 ) -> torch.Tensor:
     """The pooled logits of every item of ``batch``, in its order, as ``plan`` runs them."""
-    grouped = grouped_logits(model, batch, plan.groups, pad_token_id, device)
+    grouped = grouped_logits(
+        model, batch, plan.groups, pad_token_id, device, unmasked_padding=unmasked_padding
+    )
     order = [i for group in plan.groups for i in group.members]
     logits = grouped.new_empty((len(batch), grouped.shape[1]))
     logits[torch.tensor(order, device=device)] = grouped
@@ -251,11 +268,17 @@ def probe_batch(vocab_size: int, avoid: frozenset[int]) -> list[Encoded]:
 
 
 def probe_prefix_reuse(
-    model: Any, plain_logits: PlainLogits, pad_token_id: int, avoid: frozenset[int]
+    model: Any,
+    plain_logits: PlainLogits,
+    pad_token_id: int,
+    avoid: frozenset[int],
+    *,
+    unmasked_padding: bool = False,
 ) -> str | None:
     """Why prefix reuse is not exact for ``model`` (None when it is): it must take a cache and
     score random sequences sharing a prefix as the full forward does, within the tolerance of
-    its dtype. Any failure is a reason, never an error: the full forward always works."""
+    its dtype, the way it will serve (``unmasked_padding`` as ``grouped_logits`` takes it).
+    Any failure is a reason, never an error: the full forward always works."""
     if cache_argument(model) is None:
         return f"{type(model).__name__} takes no key/value cache (not a decoder)"
     if getattr(model.config, "is_encoder_decoder", False):
@@ -268,7 +291,15 @@ def probe_prefix_reuse(
     try:
         with torch.inference_mode():
             full = plain_logits(batch).float()
-            grouped = planned_logits(model, batch, plan, plain_logits, pad_token_id, device)
+            grouped = planned_logits(
+                model,
+                batch,
+                plan,
+                plain_logits,
+                pad_token_id,
+                device,
+                unmasked_padding=unmasked_padding,
+            )
     except Exception as exc:  # any failure means: run everything in full
         return f"the grouped forward failed: {type(exc).__name__}: {exc}"
     dtype = next(model.parameters()).dtype
