@@ -32,13 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import cpu_usage
-import httpx
 from http_client import post_bytes, run_closed_loop
+
+from trainer_client.launch import ServiceProcess
 
 log = logging.getLogger("bench.http_overhead")
 
 BENCH_DIR = Path(__file__).resolve().parent
-HOST = "127.0.0.1"
+HOST = "127.0.0.1"  # where ServiceProcess serves
 MODES = ("direct", "framework")
 # A PPO sample's size on the wire: about 2 KB of prompt and 2 KB of response text.
 PROMPT = "Explain why the sky is blue, step by step. " * 48
@@ -127,45 +128,33 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+class InstantServer(ServiceProcess):
+    """``bench/instant_server.py`` in a session of its own, stopped with its group; with
+    ``--framework`` for the framework mode."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__(Path("instant"), args=["--framework"] if mode == "framework" else [])
+
+    def start(self) -> InstantServer:
+        command = [sys.executable, str(BENCH_DIR / "instant_server.py"), "--port", str(self.port)]
+        with self.log_path.open("wb") as log_file:
+            self.process = subprocess.Popen(
+                [*command, *self.args],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        return self
+
+
 @contextlib.contextmanager
 def instant_server(mode: str, args: argparse.Namespace) -> Iterator[tuple[int, int]]:
-    """``bench/instant_server.py`` for ``mode``, ready; its port and process id."""
-    port = free_port()
-    command = [sys.executable, str(BENCH_DIR / "instant_server.py"), "--port", str(port)]
-    if mode == "framework":
-        command.append("--framework")
-    process = subprocess.Popen(command, start_new_session=True)
-    try:
-        wait_ready(port, process, args.ready_timeout)
-        yield port, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_ready(port: int, process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the instant server exited with {process.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://{HOST}:{port}/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"the instant server on port {port} was not ready in {timeout_s:g} s")
+    """The instant server for ``mode``, ready; its port and process id."""
+    with InstantServer(mode) as server:
+        server.wait_ready(args.ready_timeout)
+        assert server.process is not None
+        yield server.port, server.process.pid
 
 
 def request_bytes(size: int) -> Any:

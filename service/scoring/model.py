@@ -19,8 +19,8 @@ from service.scoring.prefix import (
     PROBE_TOLERANCE,
     PrefixPlan,
     attention_window,
-    cache_argument,
     fits_window,
+    not_a_decoder,
     pays,
     plan_prefixes,
     planned_logits,
@@ -474,10 +474,8 @@ def probe_unmasked_padding(model: Any, pad_token_id: int, avoid: frozenset[int])
     tolerance of the model's dtype. An encoder attends to the padding and fails; so does a
     model whose positions or pooling read the mask. Any failure is a reason, never an error."""
     # An encoder's attention reaches the padding, yet a random one may barely show it.
-    if cache_argument(model) is None:
-        return f"{type(model).__name__} takes no key/value cache (not a decoder)"
-    if getattr(model.config, "is_encoder_decoder", False):
-        return "an encoder-decoder model"
+    if (reason := not_a_decoder(model)) is not None:
+        return reason
     device = next(model.parameters()).device
     batch = probe_batch(model.get_input_embeddings().num_embeddings, avoid | {pad_token_id})
     try:

@@ -21,7 +21,7 @@ import inspect
 import logging
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -267,6 +267,16 @@ def probe_batch(vocab_size: int, avoid: frozenset[int]) -> list[Encoded]:
     return batch
 
 
+def not_a_decoder(model: Any) -> str | None:
+    """Why ``model`` is no decoder-only model (None when it is one): it must take a key/value
+    cache and have no separate encoder."""
+    if cache_argument(model) is None:
+        return f"{type(model).__name__} takes no key/value cache (not a decoder)"
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "an encoder-decoder model"
+    return None
+
+
 def probe_prefix_reuse(
     model: Any,
     plain_logits: PlainLogits,
@@ -279,15 +289,37 @@ def probe_prefix_reuse(
     score random sequences sharing a prefix as the full forward does, within the tolerance of
     its dtype, the way it will serve (``unmasked_padding`` as ``grouped_logits`` takes it).
     Any failure is a reason, never an error: the full forward always works."""
-    if cache_argument(model) is None:
-        return f"{type(model).__name__} takes no key/value cache (not a decoder)"
-    if getattr(model.config, "is_encoder_decoder", False):
-        return "an encoder-decoder model"
-    device = next(model.parameters()).device
+    if (reason := not_a_decoder(model)) is not None:
+        return reason
     batch = probe_batch(model.get_input_embeddings().num_embeddings, avoid | {pad_token_id})
     plan = plan_prefixes(batch, pad_token_id)
     if not plan.groups:
         return "the probe batch formed no prefix group"
+    # The whole batch (prompts of two lengths, some items alone) and one prompt's group alone
+    # (one prompt length: with unmasked_padding, no mask at all).
+    first = plan.groups[0]
+    alone = replace(first, members=tuple(range(len(first.members))))
+    cases = [(batch, plan), ([batch[i] for i in first.members], PrefixPlan((alone,), ()))]
+    for items, items_plan in cases:
+        reason = grouped_mismatch(
+            model, items, items_plan, plain_logits, pad_token_id, unmasked_padding
+        )
+        if reason is not None:
+            return reason
+    return None
+
+
+def grouped_mismatch(
+    model: Any,
+    batch: Sequence[Encoded],
+    plan: PrefixPlan,
+    plain_logits: PlainLogits,
+    pad_token_id: int,
+    unmasked_padding: bool,
+) -> str | None:
+    """How the grouped forward of ``batch`` differs from the full one, beyond the tolerance of
+    the model's dtype (None: it does not)."""
+    device = next(model.parameters()).device
     try:
         with torch.inference_mode():
             full = plain_logits(batch).float()
