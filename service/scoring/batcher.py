@@ -306,13 +306,13 @@ class Batcher:
             _observe(self.observer.items_dropped, reason, len(dropped))
 
     def _finish(
-        self, batch: list[_Item], rewards: Sequence[float | None], failure: BatchFailed
+        self, batch: list[_Item], rewards: Sequence[float | None], failure: BatchFailed | None
     ) -> None:
         """Back on the loop: hand each reward to its request; a request with an item that
         could not be scored (None) fails with ``failure``, every other one gets its rewards."""
         for item, reward in zip(batch, rewards, strict=True):
             if reward is None:
-                self._fail(item.owner, failure, "batch_failed")
+                self._fail(item.owner, failure or _scoring_failed("unknown"), "batch_failed")
         for item, reward in zip(batch, rewards, strict=True):
             owner = item.owner
             if reward is None or self._settled(owner):
@@ -391,13 +391,16 @@ class Batcher:
             rewards, failure = [None] * len(batch), _scoring_failed(incident)
         self._to_loop(self._finish, batch, rewards, failure)
 
-    def _forward_by_halves(self, batch: list[_Item]) -> tuple[list[float | None], BatchFailed]:
-        """The batch's rewards; a failed forward is retried by halves so that only the items
-        failing alone get None. At most ``2 * bit_length(len(batch))`` forwards may fail (enough
+    def _forward_by_halves(
+        self, batch: list[_Item]
+    ) -> tuple[list[float | None], BatchFailed | None]:
+        """The batch's rewards, and the failure of those that are None (None when no forward
+        failed); a failed forward is retried by halves so that only the items failing alone
+        get None. At most ``2 * bit_length(len(batch))`` forwards may fail (enough
         to isolate two culprits; a device that fails everything fails the rest at once)."""
         rewards: list[float | None] = [None] * len(batch)
         failures_left = 2 * len(batch).bit_length()
-        incident = uuid.uuid4().hex[:12]
+        incident: str | None = None  # named at the first failure (uuid4 reads the OS's random)
         pending = [(0, len(batch))]
         while pending:
             low, high = pending.pop()
@@ -407,6 +410,7 @@ class Batcher:
                     raise ValueError(f"{len(got)} rewards for {high - low} items")
             except Exception as exc:
                 failures_left -= 1
+                incident = incident or uuid.uuid4().hex[:12]
                 log.error(
                     "a forward of %d items failed (incident %s)",
                     high - low,
@@ -418,7 +422,7 @@ class Batcher:
                     pending += [(middle, high), (low, middle)]
                 continue
             rewards[low:high] = got
-        return rewards, _scoring_failed(incident)
+        return rewards, None if incident is None else _scoring_failed(incident)
 
     def _next_batch_or_reset(self) -> list[_Item] | None:
         """The next batch; should forming one fail beyond ``_evict_oldest``'s repair, every

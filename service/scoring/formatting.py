@@ -121,6 +121,7 @@ class Formatter:
         self._head_chars = MAX_HEAD_TOKENS * max_chars_per_token
         self._special_ids = frozenset(tokenizer.all_special_ids)
         self._with_token_types = "token_type_ids" in tokenizer.model_input_names
+        self._backend = fast_backend(tokenizer)
 
     def encode(self, items: Sequence[RewardInput], truncation: Truncation) -> list[Encoded]:
         """Token ids per item; over-long items are cut from the left or refused.
@@ -195,18 +196,33 @@ class Formatter:
                 for i, r in enumerate(rendered)
                 if (r.pair is not None, r.add_special) == (with_pair, add_special)
             ]
-            batch = self.tokenizer(
-                [rendered[i].text for i in rows],
-                [rendered[i].pair or "" for i in rows] if with_pair else None,
-                add_special_tokens=add_special,
-                # Always given when the model takes them: a batch may mix pairs and texts, and
-                # the padded batch carries types only if its first item has them.
-                return_token_type_ids=self._with_token_types,
-            )
-            types = batch.get("token_type_ids") if self._with_token_types else None
-            for n, i in enumerate(rows):
-                out[i] = _Tokens(list(batch["input_ids"][n]), list(types[n]) if types else None)
+            texts = [rendered[i].text for i in rows]
+            pairs = [rendered[i].pair or "" for i in rows] if with_pair else None
+            for i, tokens in zip(rows, self._call(texts, pairs, add_special), strict=True):
+                out[i] = tokens
         return [t for t in out if t is not None]
+
+    def _call(self, texts: list[str], pairs: list[str] | None, add_special: bool) -> list[_Tokens]:
+        """One tokenizer call: through the fast backend where there is one (``fast_backend``),
+        else the tokenizer's own. Token types are always given when the model takes them: a
+        batch may mix pairs and texts, and the padded batch carries types only if its first
+        item has them."""
+        if self._backend is not None:
+            inputs = texts if pairs is None else list(zip(texts, pairs, strict=True))
+            encodings = self._backend.encode_batch_fast(inputs, add_special_tokens=add_special)
+            with_types = self._with_token_types
+            return [_Tokens(e.ids, e.type_ids if with_types else None) for e in encodings]
+        batch = self.tokenizer(
+            texts,
+            pairs,
+            add_special_tokens=add_special,
+            return_token_type_ids=self._with_token_types,
+        )
+        types = batch.get("token_type_ids") if self._with_token_types else None
+        return [
+            _Tokens(list(ids), list(types[n]) if types else None)
+            for n, ids in enumerate(batch["input_ids"])
+        ]
 
     def _head_count(self, ids: Sequence[int]) -> int:
         """How many leading special tokens (BOS/CLS and friends) left truncation keeps."""
@@ -261,6 +277,24 @@ class Formatter:
         rest = budget - len(pair)
         text = rendered.text[max(0, len(rendered.text) - rest) :] if rest > 0 else ""
         return replace(rendered, text=text, pair=pair)
+
+
+def fast_backend(tokenizer: Any) -> Any | None:
+    """A copy of a fast tokenizer's Rust backend, set as the tokenizer's own call sets it for
+    this formatter (no truncation, no padding, its ``split_special_tokens``), whose
+    ``encode_batch_fast`` gives the same tokens at half the CPU of a call through the
+    tokenizer for one item (no offsets, none of the wrapper's per-call work). A copy, so that
+    calls from several threads never see it change. None without one (a Python tokenizer)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return None
+    from tokenizers import Tokenizer
+
+    own = Tokenizer.from_str(backend.to_str())
+    own.no_truncation()
+    own.no_padding()
+    own.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    return own
 
 
 def _plain(tokens: _Tokens) -> Encoded:

@@ -15,11 +15,13 @@ from typing import Any
 import torch
 
 from service.scoring.formatting import Formatter, resolve_input_format
+from service.scoring.grouping import length_runs
 from service.scoring.prefix import (
     PROBE_TOLERANCE,
     PrefixPlan,
     attention_window,
     fits_window,
+    indices,
     not_a_decoder,
     pays,
     plan_prefixes,
@@ -99,6 +101,20 @@ class RewardModel:
         )
 
     def plain_logits(self, batch: Sequence[Encoded]) -> torch.Tensor:
+        """The pooled logits of full forwards over the right-padded batch, in its order: one
+        forward, or runs of similar length where that pads fewer tokens than the extra
+        forwards cost (``length_runs``; the batcher forms a batch from what is waiting, which
+        may span lengths that a sort over more items would keep apart)."""
+        order = sorted(range(len(batch)), key=lambda i: batch[i].length)
+        runs = length_runs([batch[i].length for i in order])
+        if len(runs) <= 1:
+            return self._full_logits(batch)
+        logits = torch.cat([self._full_logits([batch[order[n]] for n in run]) for run in runs])
+        ordered = logits.new_empty(logits.shape)
+        ordered[indices(order, logits.device)] = logits
+        return ordered
+
+    def _full_logits(self, batch: Sequence[Encoded]) -> torch.Tensor:
         """The pooled logits of one full forward over the right-padded batch."""
         inputs = pad_batch(
             batch, self.pad_token_id, self.device, mask_padding=not self.unmasked_padding

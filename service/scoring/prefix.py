@@ -22,11 +22,11 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import Any
 
 import torch
 
-from service.scoring.grouping import MIN_PREFIX_TOKENS, common_prefix_len
+from service.scoring.grouping import MIN_PREFIX_TOKENS, common_prefix_len, length_runs
 from service.scoring.types import Encoded
 
 log = logging.getLogger("crs.prefix")
@@ -84,8 +84,11 @@ def plan_prefixes(
         candidates.setdefault(head, []).append(index)
     groups: list[PrefixGroup] = []
     for members in candidates.values():
+        if len(members) < 2:
+            plain.extend(members)
+            continue
         shared = _shared_len([batch[i].input_ids for i in members], pad_token_id)
-        if len(members) >= 2 and shared >= min_prefix:
+        if shared >= min_prefix:
             groups.append(PrefixGroup(members=tuple(members), prefix_len=shared))
         else:
             plain.extend(members)
@@ -99,15 +102,13 @@ def _shared_len(rows: Sequence[Sequence[int]], pad_token_id: int) -> int:
 
 def planned_tokens(plan: PrefixPlan, batch: Sequence[Encoded]) -> int:
     """Tokens the grouped forward computes, padding included: the prefixes padded to the
-    longest, the members' own tokens padded to the longest own part, the rest in full."""
+    longest, the members' own tokens in the runs ``length_runs`` makes of them, each padded
+    to its longest, the rest in full."""
     prefix = max((group.prefix_len for group in plan.groups), default=0)
-    own = max(
-        (batch[i].length - group.prefix_len for group in plan.groups for i in group.members),
-        default=0,
-    )
-    members = sum(len(group.members) for group in plan.groups)
+    own = sorted(batch[i].length - group.prefix_len for group in plan.groups for i in group.members)
+    members = sum(len(run) * own[run[-1]] for run in length_runs(own))
     plain = max((batch[i].length for i in plan.plain), default=0) * len(plan.plain)
-    return len(plan.groups) * prefix + members * own + plain
+    return len(plan.groups) * prefix + members + plain
 
 
 def pays(plan: PrefixPlan, batch: Sequence[Encoded]) -> bool:
@@ -146,6 +147,12 @@ def cache_argument(model: Any) -> str | None:
     return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
+def indices(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A long tensor of ``values`` on ``device``, copied without waiting for the device: a
+    blocking copy to a GPU would wait for the forwards queued before it."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
 def right_pad(
     rows: Sequence[Sequence[int]], pad_token_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,12 +179,14 @@ def grouped_logits(
     unmasked_padding: bool = False,
 ) -> torch.Tensor:
     """The pooled logits of the groups' members (in group, then member order): one forward
-    over the prefixes, one over the members' own tokens on the expanded cache.
+    over the prefixes, then the members' own tokens on copies of their prefix's cache, in
+    runs of similar length (``length_runs``: members' own parts vary far more than prompts; a
+    group's responses of 32-160 tokens padded as one are a third padding).
 
     With ``unmasked_padding`` (a causal model, ``RewardModel.unmasked_padding``) padding
     that comes after every real token of its row goes unmasked: the prefixes' own, and the
-    members' own when the prefixes are all as long (else the cache holds padding before a
-    member's tokens, which must stay masked)."""
+    members' own in a run whose prefixes are all as long (else the cache holds padding before
+    a member's tokens, which must stay masked)."""
     from transformers import DynamicCache
 
     argument = cache_argument(model)
@@ -190,21 +199,85 @@ def grouped_logits(
     model(
         input_ids=prefix_ids, attention_mask=prefix_attention, use_cache=True, **{argument: cache}
     )
+    members = [
+        _Member(owner, group.prefix_len, batch[i].input_ids[group.prefix_len :])
+        for owner, group in enumerate(groups)
+        for i in group.members
+    ]
+    order = sorted(range(len(members)), key=lambda n: len(members[n].own))
+    runs = length_runs([len(members[n].own) for n in order])
+    pieces = []
+    for run in runs:
+        chunk = [members[order[n]] for n in run]
+        chunk_cache = _cache_for(cache, chunk, model.config, device)
+        pieces.append(
+            _members_logits(
+                model,
+                argument,
+                chunk_cache,
+                prefix_mask,
+                chunk,
+                pad_token_id,
+                unmasked_padding=unmasked_padding,
+            )
+        )
+    logits = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    ordered = logits.new_empty(logits.shape)
+    ordered[indices(order, device)] = logits
+    return ordered
 
-    owners = [n for n, group in enumerate(groups) for _ in group.members]
-    owner = torch.tensor(owners, dtype=torch.long, device=device)
-    cache.reorder_cache(
-        cast(torch.LongTensor, owner)
-    )  # each member gets a copy of its group's prefix
-    suffixes = [batch[i].input_ids[group.prefix_len :] for group in groups for i in group.members]
-    suffix_ids, suffix_mask = right_pad(suffixes, pad_token_id, device)
-    lengths = torch.tensor([g.prefix_len for g in groups for _ in g.members], device=device)
+
+@dataclass(frozen=True, slots=True)
+class _Member:
+    """One group member's part of the suffix forward: its group, where its own tokens start."""
+
+    owner: int
+    prefix_len: int
+    own: Sequence[int]
+
+
+def _cache_for(cache: Any, members: Sequence[_Member], config: Any, device: torch.device) -> Any:
+    """A cache holding, per member, a copy of its group's row of the prefix cache, cut to the
+    longest prefix among ``members`` (layers hold batch x heads x tokens x head size)."""
+    from transformers import DynamicCache
+
+    index = indices([m.owner for m in members], device)
+    width = max(m.prefix_len for m in members)
+    rows = [
+        (
+            layer.keys.index_select(0, index)[:, :, :width],
+            layer.values.index_select(0, index)[:, :, :width],
+        )
+        if layer.is_initialized
+        else (None, None)
+        for layer in cache.layers
+    ]
+    return DynamicCache(ddp_cache_data=rows, config=config)
+
+
+def _members_logits(
+    model: Any,
+    argument: str,
+    cache: Any,
+    prefix_mask: torch.Tensor,
+    members: Sequence[_Member],
+    pad_token_id: int,
+    *,
+    unmasked_padding: bool,
+) -> torch.Tensor:
+    """The pooled logits of one run of members: their own tokens, right padded, at the
+    positions they have in the full sequence, attending to their prefix through ``cache``."""
+    device = prefix_mask.device
+    suffix_ids, suffix_mask = right_pad([m.own for m in members], pad_token_id, device)
+    lengths = indices([m.prefix_len for m in members], device)
     steps = torch.arange(suffix_ids.shape[1], device=device)
     # Real tokens sit where they sit in the full sequence; padding gets position 0, which
     # every position table has (nothing real attends to it: it comes after the real tokens).
     positions = torch.where(suffix_mask.bool(), lengths[:, None] + steps[None, :], 0)
-    attention = torch.cat([prefix_mask[owner], suffix_mask], dim=1)
-    if unmasked_padding and len({group.prefix_len for group in groups}) == 1:
+    owner = indices([m.owner for m in members], device)
+    width = max(m.prefix_len for m in members)  # the cache's, see _cache_for
+    attention = torch.cat([prefix_mask[owner, :width], suffix_mask], dim=1)
+    if unmasked_padding and len({m.prefix_len for m in members}) == 1:
         attention = torch.ones_like(attention)
     output = model(
         input_ids=suffix_ids,
@@ -233,10 +306,10 @@ def planned_logits(
     )
     order = [i for group in plan.groups for i in group.members]
     logits = grouped.new_empty((len(batch), grouped.shape[1]))
-    logits[torch.tensor(order, device=device)] = grouped
+    logits[indices(order, device)] = grouped
     if plan.plain:
         plain = plain_logits([batch[i] for i in plan.plain])
-        logits[torch.tensor(plan.plain, device=device)] = plain.to(logits.dtype)
+        logits[indices(plan.plain, device)] = plain.to(logits.dtype)
     return logits
 
 

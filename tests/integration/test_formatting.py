@@ -6,9 +6,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from service.scoring.formatting import Formatter, resolve_input_format
 from service.scoring.model import RewardModel, load_reward_model
-from service.scoring.types import InputTooLong, RewardInput
+from service.scoring.types import EmptyInput, InputTooLong, RewardInput
 from service.settings import Settings
 from tests.models import DirectScorer, mixed_items
 
@@ -85,3 +88,65 @@ def test_left_truncation_keeps_the_start_token_and_the_end(
     assert cut.input_ids[0] == full.input_ids[0]  # BOS / CLS survives
     assert cut.input_ids[1:] == full.input_ids[-31:]  # the end: prompt's tail and the response
     assert "the final answer is four" in loaded.formatter.tokenizer.decode(cut.input_ids)
+
+
+TOKENIZERS = ["tiny_llama", "tiny_gpt2", "tiny_bert", "minilm_rm"]
+
+
+@pytest.fixture(scope="module", params=TOKENIZERS)
+def formatters(request: pytest.FixtureRequest) -> tuple[Formatter, Formatter]:
+    """The formatter as loaded (through the fast backend) and the same one through the
+    tokenizer's own call."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(request.param))
+    input_format = resolve_input_format("auto", tokenizer)
+    fast = Formatter(tokenizer, input_format, 256)
+    wrapped = Formatter(tokenizer, input_format, 256)
+    wrapped._backend = None
+    return fast, wrapped
+
+
+def pieces(formatter: Formatter) -> st.SearchStrategy[str]:
+    """Text made of words, odd characters and the tokenizer's own special tokens."""
+    specials = list(formatter.tokenizer.all_special_tokens) + ["<|user|>", "\n\n", "  "]
+    words = st.one_of(st.text(max_size=12), st.sampled_from(specials), st.just("Paris."))
+    return st.lists(words, max_size=12).map(" ".join)
+
+
+def encoded_or_error(formatter: Formatter, items: list[RewardInput]) -> object:
+    try:
+        return formatter.encode(items, "left")
+    except EmptyInput as exc:
+        return ("empty", exc.indices)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_the_fast_backend_gives_the_tokenizers_own_tokens(
+    formatters: tuple[Formatter, Formatter], data: st.DataObject
+) -> None:
+    fast, wrapped = formatters
+    assert fast._backend is not None
+    text = pieces(fast)
+    items = data.draw(
+        st.lists(
+            st.one_of(
+                st.builds(RewardInput, prompt=text, response=text),
+                st.builds(RewardInput, text=text.filter(str.strip)),
+            ),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    assert encoded_or_error(fast, items) == encoded_or_error(wrapped, items)
+
+
+def test_the_fast_backend_keeps_a_long_item_cut_the_same(
+    formatters: tuple[Formatter, Formatter],
+) -> None:
+    fast, wrapped = formatters
+    long_item = RewardInput(prompt="background words " * 200, response="the answer is four")
+    (cut,) = fast.encode([long_item], "left")
+    assert cut.truncated
+    assert [cut] == wrapped.encode([long_item], "left")

@@ -52,10 +52,28 @@ def tokenizer(request: pytest.FixtureRequest) -> Any:
     return AutoTokenizer.from_pretrained(request.getfixturevalue(request.param))
 
 
+class CountingBackend:
+    """A formatter's fast backend that records, in ``counting``, the characters of each input."""
+
+    def __init__(self, inner: Any, counting: CountingTokenizer) -> None:
+        self._inner = inner
+        self._counting = counting
+
+    def encode_batch_fast(self, inputs: Sequence[str | tuple[str, str]], **kw: Any) -> Any:
+        self._counting.calls.extend(
+            len(i) if isinstance(i, str) else len(i[0]) + len(i[1]) for i in inputs
+        )
+        return self._inner.encode_batch_fast(inputs, **kw)
+
+
 def formatter_of(tokenizer: Any) -> tuple[Formatter, CountingTokenizer]:
+    """A formatter whose every tokenizer call, through the fast backend or not, is counted."""
     counting = CountingTokenizer(tokenizer)
     input_format: ResolvedFormat = "chat" if tokenizer.chat_template else "pair"
-    return Formatter(counting, input_format, MAX_TOKENS), counting
+    formatter = Formatter(counting, input_format, MAX_TOKENS)
+    assert formatter._backend is not None
+    formatter._backend = CountingBackend(formatter._backend, counting)
+    return formatter, counting
 
 
 def full_then_left(tokenizer: Any, item: RewardInput) -> tuple[list[int], list[int] | None]:

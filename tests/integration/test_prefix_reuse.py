@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.scoring.grouping import MIN_PREFIX_TOKENS
+from service.scoring.grouping import MIN_PREFIX_TOKENS, length_runs
 from service.scoring.model import RewardModel, identify_model, load_reward_model
 from service.scoring.prefix import (
     PrefixPlan,
@@ -91,6 +91,10 @@ def test_mixed_batch_plan(llama: RewardModel) -> None:
     plain_keys = sorted(str(batch[i].prefix_key) for i in plan.plain)
     assert plain_keys == ["None", "alone", "early", "early"]
     assert fits_window(plan, batch, attention_window(llama.model.config))
+    # Own parts of 1 to 150 tokens: the members run in several forwards (the tests below
+    # compare what they score with the full forward's).
+    own = sorted(batch[i].length - g.prefix_len for g in plan.groups for i in g.members)
+    assert len(length_runs(own)) > 1
 
 
 def test_grouped_path_equals_full_forward(decoder: RewardModel) -> None:
@@ -169,6 +173,18 @@ def test_planned_tokens_count_each_part_padded(llama: RewardModel) -> None:
     # Prefixes 2 x 50, own parts 4 x 30 (the longest), the keyless one 1 x 44.
     assert planned_tokens(plan, batch) == 2 * 50 + 4 * 30 + 44
     assert pays(plan, batch)  # a full forward pads all 5 to 59 tokens: 295
+
+
+def test_planned_tokens_count_the_members_runs(llama: RewardModel) -> None:
+    rng = random.Random(9)
+    prompt = tokens(rng, llama, 40)
+    own = (10, 12, 100, 110)
+    batch = [item(prompt + tokens(rng, llama, n), "p") for n in own]
+    plan = plan_prefixes(batch, llama.pad_token_id)
+    # One run would pad all four to 110 (440 tokens); two runs pad 2 x 12 + 2 x 110 = 244.
+    assert length_runs(sorted(own)) == [range(2), range(2, 4)]
+    assert planned_tokens(plan, batch) == 40 + 2 * 12 + 2 * 110
+    assert llama.forward(batch) == pytest.approx(full_forward(llama, batch), abs=TOLERANCE)
 
 
 def test_a_batch_that_grouping_would_pad_to_more_runs_in_full(llama: RewardModel) -> None:
