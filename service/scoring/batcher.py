@@ -197,6 +197,9 @@ class Batcher:
     # The forward runs a prompt shared by several items once (RewardModel.prefix_reuse): a
     # batch is then formed around the oldest item's prompt group (see _grouped_batch).
     group_prefixes: bool = False
+    # The tokens a batch's forward computes, padding included (RewardModel.computed_tokens:
+    # in runs, or with prompts once); without it, every item padded to the longest.
+    computed_tokens: Callable[[Sequence[Encoded]], int] | None = None
     _sorted: list[_Item] = field(default_factory=list)
     # prefix_key -> its queued items by arrival number (only with group_prefixes).
     _by_prefix: dict[str, dict[int, _Item]] = field(default_factory=dict)
@@ -593,9 +596,20 @@ class Batcher:
             self.observer.batch_done,
             items=len(batch),
             real_tokens=sum(lengths),
-            padded_tokens=len(batch) * max(lengths),
+            padded_tokens=self._computed_tokens(batch, lengths),
             forward_s=seconds,
         )
+
+    def _computed_tokens(self, batch: list[_Item], lengths: list[int]) -> int:
+        """What the batch's forward computed, for the metrics: a figure, never a failure."""
+        padded = len(batch) * max(lengths)
+        if self.computed_tokens is None:
+            return padded
+        try:
+            return self.computed_tokens([item.encoded for item in batch])
+        except Exception:
+            log.exception("counting a batch's computed tokens failed; counted it padded")
+            return padded
 
     def _to_loop(self, callback: Callable[..., None], *args: object) -> None:
         assert self._loop is not None

@@ -184,6 +184,7 @@ class HFRewardEngine:
             workers=model.workers.workers,
             worker_init=model.bind_worker_thread,
             group_prefixes=model.batches_by_prompt,
+            computed_tokens=model.computed_tokens,
         )
 
     async def astop(self) -> None:

@@ -26,6 +26,7 @@ from service.scoring.prefix import (
     pays,
     plan_prefixes,
     planned_logits,
+    planned_tokens,
     probe_batch,
     probe_prefix_reuse,
 )
@@ -121,6 +122,16 @@ class RewardModel:
         )
         logits: torch.Tensor = self.model(**inputs).logits
         return logits
+
+    def computed_tokens(self, batch: Sequence[Encoded]) -> int:
+        """The tokens ``forward`` computes for ``batch``, padding included: the grouped
+        forward's (``planned_tokens``) where it runs one, else those of its runs of similar
+        length."""
+        plan = self._prefix_plan(batch)
+        if plan is not None:
+            return planned_tokens(plan, batch)
+        lengths = sorted(item.length for item in batch)
+        return sum(len(run) * lengths[run[-1]] for run in length_runs(lengths))
 
     def _prefix_plan(self, batch: Sequence[Encoded]) -> PrefixPlan | None:
         if not self.prefix_reuse or len(batch) < 2:

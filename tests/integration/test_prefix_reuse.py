@@ -187,6 +187,21 @@ def test_planned_tokens_count_the_members_runs(llama: RewardModel) -> None:
     assert llama.forward(batch) == pytest.approx(full_forward(llama, batch), abs=TOLERANCE)
 
 
+def test_computed_tokens_are_those_of_the_forward_that_runs(llama: RewardModel) -> None:
+    rng = random.Random(10)
+    prompt = tokens(rng, llama, 40)
+    grouped = [item(prompt + tokens(rng, llama, n), "p") for n in (10, 12, 100, 110)]
+    assert llama.computed_tokens(grouped) == 40 + 2 * 12 + 2 * 110
+    # Without a shared prompt: runs of similar length, 2 x 30 + 2 x 150 against 4 x 150.
+    lone = [item(tokens(rng, llama, n), None) for n in (150, 20, 140, 30)]
+    assert llama.computed_tokens(lone) == 2 * 30 + 2 * 150
+    assert llama.forward(lone) == pytest.approx(
+        [llama.forward([one])[0] for one in lone], abs=TOLERANCE
+    )
+    off = replace(llama, prefix_reuse=False)
+    assert off.computed_tokens(grouped) == 2 * 52 + 2 * 150
+
+
 def test_a_batch_that_grouping_would_pad_to_more_runs_in_full(llama: RewardModel) -> None:
     # Every item has 62 tokens, but one prompt's prefix is long and the other's own parts are:
     # grouped, 2 x 60 + 4 x 46 = 304 tokens against 4 x 62 = 248 in full.

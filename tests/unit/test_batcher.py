@@ -87,6 +87,7 @@ async def running(
     min_efficiency: float = 0.0,
     observer: Observer | None = None,
     group_prefixes: bool = False,
+    computed_tokens: Callable[[Sequence[Encoded]], int] | None = None,
 ) -> AsyncIterator[tuple[Batcher, Observer]]:
     observer = observer or Observer()
     batcher = Batcher(
@@ -99,6 +100,7 @@ async def running(
         workers=workers,
         worker_init=worker_init,
         group_prefixes=group_prefixes,
+        computed_tokens=computed_tokens,
     )
     batcher.start()
     try:
@@ -378,3 +380,29 @@ def test_device_threads_share_a_burst(workers: int, sizes: list[int]) -> None:
         return sorted(len(b) for b in model.batches if b[0].input_ids[0] != 7)
 
     assert asyncio.run(body()) == sizes
+
+
+def test_metrics_count_what_the_forward_computes() -> None:
+    """The model says what a batch computed (runs of similar length, prompts once); a count
+    that fails costs that figure, never the batch."""
+
+    def one_more(batch: Sequence[Encoded]) -> int:
+        return sum(item.length for item in batch) + 1
+
+    def broken(batch: Sequence[Encoded]) -> int:
+        raise RuntimeError("cannot count")
+
+    async def body(count: Callable[[Sequence[Encoded]], int]) -> list[tuple[int, int, int]]:
+        model = Model()
+        async with running(model, computed_tokens=count) as (batcher, observer):
+            items = [encoded(3, tag=2), encoded(5, tag=3)]
+            assert await batcher.submit(items, 10) == [reward_of(item) for item in items]
+        return observer.batches
+
+    counted = asyncio.run(body(one_more))
+    assert counted
+    assert all(padded == real + 1 for _, real, padded in counted)
+    fallback = asyncio.run(body(broken))
+    assert sum(items for items, _, _ in fallback) == 2
+    # Counted padded: both items to 5 tokens, or one alone unpadded.
+    assert all(padded == (10 if items == 2 else real) for items, real, padded in fallback)

@@ -286,8 +286,17 @@ def test_shared_is_the_common_prefix_up_to_what_is_known(
 ) -> None:
     other = first[:cut] + tail
     known = min(known, len(first), len(other))
-    assert _shared(first, other, known) == min(known, common_prefix_len([first, other]))
-    assert shared_tokens(first, other) == common_prefix_len([first, other])
+    assert _shared(first, other, known) == min(known, leading_equal(first, other))
+    assert shared_tokens(first, other) == leading_equal(first, other)
+    assert common_prefix_len([first, other, first]) == leading_equal(first, other)
+
+
+def leading_equal(first: Sequence[int], other: Sequence[int]) -> int:
+    """The reference: equal leading tokens, counted one by one."""
+    count = 0
+    while count < min(len(first), len(other)) and first[count] == other[count]:
+        count += 1
+    return count
 
 
 def test_try_add_adds_what_fits_and_leaves_the_rest_out() -> None:
