@@ -13,6 +13,7 @@ under ``left`` only its tail, the part that can survive truncation, is tokenised
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -40,6 +41,8 @@ MAX_HEAD_TOKENS = 4
 # is kept stays this many tokens clear of the cut, so it is what full tokenisation gives.
 CUT_MARGIN_TOKENS = 16
 PREFIX_KEY_CHARS = 16
+
+log = logging.getLogger("crs.formatting")
 
 
 def resolve_input_format(requested: InputFormat, tokenizer: Any) -> ResolvedFormat:
@@ -284,13 +287,21 @@ def fast_backend(tokenizer: Any) -> Any | None:
     this formatter (no truncation, no padding, its ``split_special_tokens``), whose
     ``encode_batch_fast`` gives the same tokens at half the CPU of a call through the
     tokenizer for one item (no offsets, none of the wrapper's per-call work). A copy, so that
-    calls from several threads never see it change. None without one (a Python tokenizer)."""
+    calls from several threads never see it change. None without one (a Python tokenizer) or
+    where it cannot be copied (a custom Python component does not serialise): the tokenizer's
+    own call then serves."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "encode_batch_fast"):
         return None
     from tokenizers import Tokenizer
 
-    own = Tokenizer.from_str(backend.to_str())
+    try:
+        own = Tokenizer.from_str(backend.to_str())
+    except Exception as exc:  # any failure: tokenise through the tokenizer's own call
+        log.info(
+            "tokenizing through the tokenizer's own call: its backend cannot be copied (%s)", exc
+        )
+        return None
     own.no_truncation()
     own.no_padding()
     own.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))

@@ -212,20 +212,26 @@ def pad_batch(
     ``mask_padding`` the attention mask lets every position be seen, as if none were padding
     (``RewardModel.unmasked_padding`` says when that is exact)."""
     width = max(item.length for item in batch)
-    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    with_types = batch[0].token_type_ids is not None
-    token_type_ids = torch.zeros((len(batch), width), dtype=torch.long) if with_types else None
-    for row, item in enumerate(batch):
-        input_ids[row, : item.length] = torch.tensor(item.input_ids, dtype=torch.long)
-        attention_mask[row, : item.length] = 1
-        if token_type_ids is not None and item.token_type_ids is not None:
-            token_type_ids[row, : item.length] = torch.tensor(item.token_type_ids)
-    if not mask_padding:
-        attention_mask.fill_(1)  # a mask of ones, not none: no "unmasked padding" warnings
+    # One tensor from padded rows (one call, not one per row: this runs on the device
+    # threads, in the GIL's Python share of a forward).
+    input_ids = torch.tensor(
+        [item.input_ids + [pad_token_id] * (width - item.length) for item in batch],
+        dtype=torch.long,
+    )
+    if mask_padding:
+        lengths = torch.tensor([item.length for item in batch])
+        attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    else:  # a mask of ones, not none: no "unmasked padding" warnings
+        attention_mask = torch.ones((len(batch), width), dtype=torch.long)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if token_type_ids is not None:
-        inputs["token_type_ids"] = token_type_ids
+    if batch[0].token_type_ids is not None:
+        inputs["token_type_ids"] = torch.tensor(
+            [
+                (item.token_type_ids or [0] * item.length) + [0] * (width - item.length)
+                for item in batch
+            ],
+            dtype=torch.long,
+        )
     return {name: tensor.to(device, non_blocking=True) for name, tensor in inputs.items()}
 
 

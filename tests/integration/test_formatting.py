@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -150,3 +151,33 @@ def test_the_fast_backend_keeps_a_long_item_cut_the_same(
     (cut,) = fast.encode([long_item], "left")
     assert cut.truncated
     assert [cut] == wrapped.encode([long_item], "left")
+
+
+class SplitOnSpaces:
+    """A custom Python pre-tokenizer: its tokenizer's backend cannot be serialised."""
+
+    def pre_tokenize(self, pretok: Any) -> None:
+        pretok.split(lambda _, piece: piece.split(" ", "isolated"))
+
+
+def test_a_backend_that_cannot_be_copied_tokenizes_through_the_tokenizer(
+    tiny_llama: Path,
+) -> None:
+    from tokenizers.pre_tokenizers import PreTokenizer
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.backend_tokenizer.pre_tokenizer = PreTokenizer.custom(SplitOnSpaces())
+    with pytest.raises(Exception, match="(?i)serializ"):
+        tokenizer.backend_tokenizer.to_str()
+    formatter = Formatter(tokenizer, "chat", 256)
+    assert formatter._backend is None
+    (encoded,) = formatter.encode([ALONE], "none")
+    text = tokenizer.apply_chat_template(
+        [
+            {"role": "user", "content": ALONE.prompt},
+            {"role": "assistant", "content": ALONE.response},
+        ],
+        tokenize=False,
+    )
+    assert encoded.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
