@@ -193,6 +193,11 @@ def length_runs(
     return [range(start, end) for start, end in runs]
 
 
+def padded_in_runs(lengths: Sequence[int]) -> int:
+    """The tokens ``lengths`` (ascending) compute in their ``length_runs``, padding included."""
+    return sum(len(run) * lengths[run[-1]] for run in length_runs(lengths))
+
+
 def _best_split(lengths: Sequence[int], start: int, end: int) -> tuple[int, int]:
     """The padded tokens saved by the best split of ``lengths[start:end]`` in two, and where
     the second part starts (no saving, at ``start``, for a run of one)."""

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from service.scoring.formatting import Formatter, resolve_input_format
-from service.scoring.grouping import length_runs
+from service.scoring.grouping import length_runs, padded_in_runs
 from service.scoring.prefix import (
     PROBE_TOLERANCE,
     PrefixPlan,
@@ -130,8 +130,7 @@ class RewardModel:
         plan = self._prefix_plan(batch)
         if plan is not None:
             return planned_tokens(plan, batch)
-        lengths = sorted(item.length for item in batch)
-        return sum(len(run) * lengths[run[-1]] for run in length_runs(lengths))
+        return padded_in_runs(sorted(item.length for item in batch))
 
     def _prefix_plan(self, batch: Sequence[Encoded]) -> PrefixPlan | None:
         if not self.prefix_reuse or len(batch) < 2:

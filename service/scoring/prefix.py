@@ -26,7 +26,12 @@ from typing import Any
 
 import torch
 
-from service.scoring.grouping import MIN_PREFIX_TOKENS, common_prefix_len, length_runs
+from service.scoring.grouping import (
+    MIN_PREFIX_TOKENS,
+    common_prefix_len,
+    length_runs,
+    padded_in_runs,
+)
 from service.scoring.types import Encoded
 
 log = logging.getLogger("crs.prefix")
@@ -106,7 +111,7 @@ def planned_tokens(plan: PrefixPlan, batch: Sequence[Encoded]) -> int:
     to its longest, the rest in full."""
     prefix = max((group.prefix_len for group in plan.groups), default=0)
     own = sorted(batch[i].length - group.prefix_len for group in plan.groups for i in group.members)
-    members = sum(len(run) * own[run[-1]] for run in length_runs(own))
+    members = padded_in_runs(own)
     plain = max((batch[i].length for i in plan.plain), default=0) * len(plan.plain)
     return len(plan.groups) * prefix + members + plain
 

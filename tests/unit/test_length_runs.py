@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.scoring.grouping import MAX_RUNS, length_runs
+from service.scoring.grouping import MAX_RUNS, length_runs, padded_in_runs
 
 
 def padded(lengths: Sequence[int], runs: Sequence[range], overhead: int) -> int:
@@ -80,3 +80,10 @@ def test_runs_never_cost_more_than_one_and_near_the_best(
     assert cost <= one_run
     best = best_padded(lengths, overhead, most)
     assert cost - best <= (one_run - best) // 3 + overhead
+
+
+@given(sorted_lengths)
+def test_padded_in_runs_counts_each_run_padded_to_its_longest(lengths: list[int]) -> None:
+    runs = length_runs(lengths)
+    assert padded_in_runs(lengths) == padded(lengths, runs, overhead=0)
+    assert sum(lengths) <= padded_in_runs(lengths) <= len(lengths) * lengths[-1]
